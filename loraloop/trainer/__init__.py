@@ -1,0 +1,1 @@
+"""The host-agnostic training engine. Imports no host code, ever."""
