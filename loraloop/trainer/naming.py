@@ -133,6 +133,11 @@ def kohya_unet_name(path_in_kohya_layout: str) -> str:
     return "lora_unet_" + path_in_kohya_layout.replace(".", "_")
 
 
+def ldm_unet_lora_name(unet_names: str, layout: UNetLayout, ldm_path: str) -> str:
+    """kohya stem for a module of an LDM-layout UNet (hosts): SGM path for SDXL, diffusers path for SD1/SD2."""
+    return kohya_unet_name(ldm_path if unet_names == "ldm" else layout.to_diffusers(ldm_path))
+
+
 def kohya_te_name(prefix: str, module_path: str, layer_pattern: str) -> str:
     """`<prefix>_text_model_encoder_layers_<i>_<sub>` for a CLIP layer module path, whatever the host calls it."""
     m = re.fullmatch(layer_pattern, module_path)

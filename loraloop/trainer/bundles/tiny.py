@@ -1,0 +1,76 @@
+"""Tiny SD1-style and SDXL-style models built from configs with seeded random weights.
+
+They have the real architecture (same module names, same conditioning plumbing, the real CLIP tokenizer) at a size that
+trains in seconds on a CPU: for the tests, the demo, and `base_model: builtin:tiny-sd1` / `builtin:tiny-sdxl`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedModelError
+from ..families import get_family
+from ..schedule import scaled_linear_alphas_cumprod
+from ..tokenizer import load_clip_tokenizer
+from .diffusers_bundle import DiffusersBundle
+
+TINY_MODELS = ("tiny-sd1", "tiny-sd1-v", "tiny-sdxl")
+_TE_WIDTH = 32
+
+
+def _text_config(projection: bool):  # noqa: ANN202 - transformers type
+    from transformers import CLIPTextConfig
+
+    pad = 0 if projection else 49407  # OpenCLIP pads with "!" (0), CLIP-L with <|endoftext|>
+    return CLIPTextConfig(hidden_size=_TE_WIDTH, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+                          vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                          pad_token_id=pad, projection_dim=_TE_WIDTH, hidden_act="gelu" if projection else "quick_gelu")
+
+
+def _vae():  # noqa: ANN202
+    from diffusers import AutoencoderKL
+
+    # Four levels so that latents are 1/8 of the image, as in the real models.
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1, norm_num_groups=8, sample_size=64)
+
+
+def _unet(sdxl: bool):  # noqa: ANN202
+    from diffusers import UNet2DConditionModel
+
+    if not sdxl:
+        return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4,
+                                    out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=_TE_WIDTH,
+                                    attention_head_dim=8, norm_num_groups=32)
+    return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2 * _TE_WIDTH,
+                                transformer_layers_per_block=(1, 2), attention_head_dim=(4, 8),
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + _TE_WIDTH,
+                                norm_num_groups=32)
+
+
+def build_tiny_bundle(name: str, seed: int = 0) -> DiffusersBundle:
+    """The tiny model called `name` (one of TINY_MODELS), identical for the same seed, without touching global RNG."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if name not in TINY_MODELS:
+        msg = f"unknown built-in model {name!r}; built-in models: {', '.join('builtin:' + n for n in TINY_MODELS)}"
+        raise UnsupportedModelError(msg)
+    sdxl = name == "tiny-sdxl"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, vae = _unet(sdxl), _vae()
+        if sdxl:
+            tes = [CLIPTextModel(_text_config(False)), CLIPTextModelWithProjection(_text_config(True))]
+            toks = [load_clip_tokenizer("clip-l"), load_clip_tokenizer("open-clip")]
+        else:
+            tes, toks = [CLIPTextModel(_text_config(False))], [load_clip_tokenizer("clip-l")]
+    for module in (unet, vae, *tes):
+        module.eval().requires_grad_(False)
+    family = get_family("sdxl" if sdxl else "sd1")
+    prediction = "v_prediction" if name.endswith("-v") else None
+    return DiffusersBundle(family, unet, vae, tes, toks, scaled_linear_alphas_cumprod(), f"builtin:{name}", prediction)

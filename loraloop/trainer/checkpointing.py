@@ -1,0 +1,48 @@
+"""Non-reentrant gradient checkpointing for any SD UNet layout, switched on and off without a trace.
+
+Hosts' own checkpointing is unusable for us (A1111's is reentrant and ldm-only, so LoRA weights inside get no grads when
+the block input does not require grad). We wrap the forward of each transformer and ResNet block with
+`torch.utils.checkpoint(use_reentrant=False)` as an instance attribute and delete it afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# Same class names in diffusers, ldm/sgm, ComfyUI and Forge.
+CHECKPOINT_CLASSES = {"BasicTransformerBlock", "ResnetBlock2D", "ResBlock"}
+
+
+def _wrap(forward):  # noqa: ANN001, ANN202
+    import torch
+
+    def checkpointed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return checkpointed
+
+
+@contextmanager
+def gradient_checkpointing(root: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Checkpoint every block of `root` while the context is open; yields the number of wrapped blocks."""
+    patched: list[tuple[nn.Module, object]] = []
+    if enabled:
+        for module in root.modules():
+            if type(module).__name__ in CHECKPOINT_CLASSES:
+                previous = module.__dict__.get("forward")  # a host may already have patched this instance
+                module.forward = _wrap(module.forward)
+                patched.append((module, previous))
+    try:
+        yield len(patched)
+    finally:
+        for module, previous in patched:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous

@@ -1,0 +1,291 @@
+"""The training config: one typed dataclass whose field metadata is the single source of help text, ranges and choices.
+
+Keys follow the origin article (`lora_rank`, `accumulation_steps`, …); kohya/lora-scripts names are accepted as aliases.
+`validate()` never mutates: it raises `ConfigError` naming the key, the bad value, the allowed range and, for a typo,
+the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,  # noqa: A002
+       max: float | None = None, group: str = "training") -> Any:
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "group": group}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "lion")
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts")
+PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs. Field metadata (`help`, `choices`, `min`, `max`) feeds CLI help, node tooltips and UIs."""
+
+    # model
+    base_model: str = _f("builtin:tiny-sd1", "Checkpoint (.safetensors/.ckpt), diffusers folder, or builtin:tiny-sd1 / "
+                         "builtin:tiny-sdxl.", group="model")
+    family: str | None = _f(None, "Model family when it cannot be detected: sd1, sd2, sd2-v, sdxl.",
+                            choices=(None, "sd1", "sd2", "sd2-v", "sdxl"), group="model")
+    prediction_type: str | None = _f(None, "Override the model's prediction type.",
+                                     choices=(None, "epsilon", "v_prediction"), group="model")
+    # data
+    train_data_dir: str | None = _f(None, "Folder of training images (captions as .txt/.caption sidecars, "
+                                    "metadata.csv or metadata.jsonl).", group="data")
+    metadata_path: str | None = _f(None, "CSV with header filename,prompt (or .jsonl) holding the captions.",
+                                   group="data")
+    recursive: bool = _f(False, "Also read images in sub-folders.", group="data")
+    caption_extension: str = _f(".txt", "Extension of caption sidecar files.", group="data")
+    trigger_word: str = _f("", "Word prepended to every caption (e.g. your style or character token).", group="data")
+    resolution: int = _f(512, "Training resolution (pixels per side of the target area).", min=64, max=4096,
+                         group="data")
+    enable_bucket: bool = _f(True, "Aspect-ratio bucketing (kohya-compatible).", group="data")
+    min_bucket_reso: int = _f(256, "Smallest bucket side.", min=16, max=4096, group="data")
+    max_bucket_reso: int = _f(1024, "Largest bucket side.", min=16, max=8192, group="data")
+    bucket_reso_steps: int = _f(64, "Bucket side step.", min=8, max=256, group="data")
+    random_crop: bool = _f(False, "Random instead of center crops.", group="data")
+    flip_aug: bool = _f(False, "Random horizontal flips.", group="data")
+    shuffle_caption: bool = _f(False, "Shuffle comma-separated tags (after keep_tokens).", group="data")
+    keep_tokens: int = _f(0, "Leading tags kept in place when shuffling.", min=0, max=255, group="data")
+    caption_dropout_rate: float = _f(0.0, "Probability of training a sample with an empty caption.", min=0.0, max=1.0,
+                                     group="data")
+    caption_tag_dropout_rate: float = _f(0.0, "Probability of dropping each tag.", min=0.0, max=1.0, group="data")
+    cache_latents: bool = _f(True, "Encode images once with the VAE and keep the latents (the VAE can then leave "
+                             "the GPU).", group="data")
+    cache_latents_to_disk: bool = _f(False, "Also keep cached latents on disk, keyed by image content.",
+                                     group="data")
+    # network
+    network_type: str = _f("lora", "lora, locon (LoRA + 3x3 convs), loha or lokr.",
+                           choices=("lora", "locon", "loha", "lokr"), group="network")
+    lora_rank: int = _f(8, "Adapter rank: 4 for styles, 8-16 for characters.", min=1, max=1024, group="network")
+    lora_alpha: float | None = _f(None, "Adapter alpha (update scaled by alpha/rank); default: equal to lora_rank.",
+                                  min=0.0, max=4096, group="network")
+    lora_dropout: float = _f(0.0, "Dropout on the adapter input.", min=0.0, max=0.9, group="network")
+    conv_rank: int | None = _f(None, "Rank of 3x3 ResNet convs (LoCon); default: lora_rank.", min=1, max=1024,
+                               group="network")
+    conv_alpha: float | None = _f(None, "Alpha of 3x3 ResNet convs; default: lora_alpha.", min=0.0, max=4096,
+                                  group="network")
+    target_modules: list[str] | None = _f(None, "Only adapt modules whose names end with these (e.g. [to_q, to_v]); "
+                                          "default: kohya's targets.", group="network")
+    train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).", group="network")
+    text_encoder_lr: float | None = _f(None, "Learning rate of text-encoder adapters; default: learning_rate.",
+                                       min=0.0, max=1.0, group="network")
+    resume_lora: str | None = _f(None, "A LoRA file to continue training from.", group="network")
+    # optimisation
+    batch_size: int = _f(1, "Images per step.", min=1, max=256)
+    accumulation_steps: int = _f(1, "Steps whose gradients are summed before an optimizer step "
+                                 "(effective batch = batch_size x accumulation_steps).", min=1, max=1024)
+    epochs: int = _f(10, "Passes over the dataset (ignored when max_train_steps is set).", min=1, max=100000)
+    max_train_steps: int | None = _f(None, "Optimizer steps to train; overrides epochs.", min=1, max=10_000_000)
+    learning_rate: float = _f(1e-4, "Base learning rate.", min=0.0, max=1.0)
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
+    lr_warmup_steps: int = _f(0, "Linear warmup steps.", min=0, max=10_000_000)
+    lr_num_cycles: int = _f(1, "Restarts of cosine_with_restarts.", min=1, max=1000)
+    optimizer: str = _f("adamw", "adamw; adamw8bit (bitsandbytes), prodigy (prodigyopt), lion (lion-pytorch).",
+                        choices=OPTIMIZERS)
+    weight_decay: float = _f(0.01, "AdamW/Lion weight decay.", min=0.0, max=1.0)
+    max_grad_norm: float | None = _f(1.0, "Clip the gradient norm (None/0: off).", min=0.0, max=1e6)
+    mixed_precision: str = _f("no", "Compute precision of the frozen model: no (fp32), fp16 (with loss scaling), "
+                              "bf16.", choices=PRECISIONS)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (saves memory, ~20-30% slower).")
+    min_snr_gamma: float | None = _f(None, "Min-SNR-gamma loss weighting (5 is typical; None: off).", min=0.1,
+                                     max=100.0)
+    noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", min=0.0, max=1.0)
+    seed: int = _f(42, "Random seed (runs are reproducible for a seed on CPU).", min=0, max=2**32 - 1)
+    # output
+    output_dir: str = _f("outputs", "Folder for the LoRA, the loss plot and samples.", group="output")
+    output_name: str = _f("my_lora", "File name of the LoRA (without .safetensors).", group="output")
+    save_precision: str = _f("fp16", "dtype of the saved tensors.", choices=SAVE_PRECISIONS, group="output")
+    overwrite: bool = _f(False, "Replace an existing output file of the same name.", group="output")
+    save_every_n_steps: int | None = _f(None, "Also save every N steps.", min=1, max=10_000_000, group="output")
+    save_every_n_epochs: int | None = _f(None, "Also save every N epochs.", min=1, max=100000, group="output")
+    save_last_n: int | None = _f(None, "Keep only the last N intermediate saves.", min=1, max=100000, group="output")
+    sample_prompts: list[str] = _f([], "Prompts for sample images.", group="output")
+    sample_every_n_steps: int | None = _f(None, "Make sample images every N steps.", min=1, max=10_000_000,
+                                          group="output")
+    sample_steps: int = _f(20, "Denoising steps of sample images.", min=1, max=200, group="output")
+    sample_cfg: float = _f(7.0, "Classifier-free guidance scale of sample images.", min=0.0, max=50.0,
+                           group="output")
+    logging_dir: str | None = _f(None, "TensorBoard log folder (needs tensorboard installed).", group="output")
+
+    # -- derived values -----------------------------------------------------------------------------------------
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.accumulation_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> TrainConfig:
+        """Raise `ConfigError` for the first out-of-range or inconsistent value; return self."""
+        for f in fields(self):
+            _check_field(f.name, getattr(self, f.name), f.metadata)
+        if self.min_bucket_reso > self.max_bucket_reso:
+            _fail("min_bucket_reso", self.min_bucket_reso,
+                  f"`min_bucket_reso` ({self.min_bucket_reso}) must not exceed `max_bucket_reso` ({self.max_bucket_reso})")
+        if self.random_crop and self.cache_latents:
+            _fail("random_crop", True, "`random_crop` cannot be combined with `cache_latents` (a cached latent has one "
+                  "fixed crop); set cache_latents: false or random_crop: false")
+        return self
+
+
+# kohya sd-scripts / lora-scripts names → ours. A value of None means "known, not used by LoRA Loop" (listed once).
+ALIASES: dict[str, str | None] = {
+    "pretrained_model_name_or_path": "base_model", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "accumulation_steps", "network_dim": "lora_rank", "network_alpha": "lora_alpha",
+    "network_dropout": "lora_dropout", "max_train_epochs": "epochs", "optimizer_type": "optimizer",
+    "unet_lr": "learning_rate", "lr": "learning_rate", "conv_dim": "conv_rank", "save_model_as": None,
+    "save_last_n_epochs": "save_last_n", "save_last_n_steps": "save_last_n", "xformers": None, "sdpa": None,
+    "mem_eff_attn": None, "persistent_data_loader_workers": None, "max_data_loader_n_workers": None,
+    "caption_extention": "caption_extension", "save_every_n_epochs": "save_every_n_epochs",
+    "logging_dir": "logging_dir", "network_train_unet_only": None, "lowram": None, "log_with": None,
+}
+
+
+def _fail(key: str, value: object, msg: str, allowed: object = None) -> None:
+    raise ConfigError(msg, key=key, value=value, allowed=allowed)
+
+
+def _check_field(name: str, value: Any, meta: Any) -> None:
+    choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
+    if value is None:
+        if choices is not None and None not in choices:
+            _fail(name, value, f"`{name}` must be one of {list(choices)} (got None)", choices)
+        return
+    if choices is not None and value not in choices:
+        shown = [c for c in choices if c is not None]
+        near = difflib.get_close_matches(str(value), [str(c) for c in shown], n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        _fail(name, value, f"`{name}` must be one of {shown} (got {value!r}){hint}", choices)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and lo is not None and not lo <= value <= hi:
+        _fail(name, value, f"`{name}` must be between {lo:g} and {hi:g} (got {value!r})", (lo, hi))
+
+
+def _field_types() -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any, type_name: str, source: str) -> Any:
+    """YAML/TOML/CLI value → the field's type, with an error naming key, value and source."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+        if "None" not in type_name:
+            _fail(key, value, f"`{key}` in {source} may not be empty")
+        return None
+    base = type_name.replace(" | None", "")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "on"):
+                return True
+            if str(value).lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if base == "int":
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, bool) or float(number) != int(number):
+                raise ValueError
+            return int(number)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "list[str]":
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        if base == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        kind = {"list[str]": "a list of strings"}.get(base, f"a {base}")
+        _fail(key, value, f"`{key}` in {source} must be {kind} (got {value!r})")
+    return value
+
+
+def from_mapping(values: dict[str, Any], source: str = "config", base: TrainConfig | None = None,
+                 sources: dict[str, str] | None = None) -> TrainConfig:
+    """A config from a flat mapping (our keys or kohya aliases). Unknown keys raise with the nearest valid key.
+
+    `sources`, when given, is filled with key → where its value came from (for `config --explain`).
+    """
+    types = _field_types()
+    updates: dict[str, Any] = {}
+    ignored = []
+    for raw_key, value in values.items():
+        key = raw_key.strip().replace("-", "_")
+        if key not in types and key in ALIASES:
+            if ALIASES[key] is None:
+                ignored.append(raw_key)
+                continue
+            key = ALIASES[key]  # type: ignore[assignment]
+        if key not in types:
+            near = difflib.get_close_matches(key, list(types) + list(ALIASES), n=1, cutoff=0.6)
+            hint = f"; did you mean `{near[0]}`?" if near else "; run `loraloop config --explain` to list the keys"
+            _fail(raw_key, value, f"unknown key `{raw_key}` in {source}{hint}")
+        updates[key] = _coerce(key, value, types[key], source)
+        if sources is not None:
+            sources[key] = source
+    if ignored:
+        log.warning("%s: these keys are not used by LoRA Loop and were ignored: %s", source, ", ".join(sorted(ignored)))
+    return replace(base or TrainConfig(), **updates)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                sources: dict[str, str] | None = None) -> TrainConfig:
+    """Read a YAML config (the origin article's format), apply `overrides` (e.g. CLI flags), validate."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        _fail("config", str(path), f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        _fail("config", str(path), f"{path} is not valid YAML: {err}")
+    if not isinstance(data, dict):
+        _fail("config", str(path), f"{path} must hold a mapping of key: value pairs (got {type(data).__name__})")
+    config = from_mapping(data, str(path), sources=sources)
+    config = _resolve_relative_paths(config, path.parent)
+    if overrides:
+        config = from_mapping(overrides, "command line", base=config, sources=sources)
+    return config.validate()
+
+
+def _resolve_relative_paths(config: TrainConfig, folder: Path) -> TrainConfig:
+    """Paths in a config file are relative to the file's folder when that is where they exist."""
+    changes = {}
+    for key in ("train_data_dir", "metadata_path", "resume_lora"):
+        value = getattr(config, key)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (folder / value).exists():
+            changes[key] = str(folder / value)
+    base = config.base_model
+    if base and not base.startswith("builtin:") and not Path(base).exists() and (folder / base).exists():
+        changes["base_model"] = str(folder / base)
+    return replace(config, **changes)
+
+
+def field_help() -> dict[str, dict[str, Any]]:
+    """key → {default, help, choices, min, max, group}: what CLI help, node tooltips and UIs are built from."""
+    out = {}
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        out[f.name] = {"default": default, **f.metadata}
+    return out

@@ -1,0 +1,52 @@
+"""DatasetOptions validation: every bad value names the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loraloop.trainer.data.options import DatasetOptions
+from loraloop.trainer.errors import ConfigError
+
+
+def test_defaults_and_coercion(tmp_path: Path) -> None:
+    o = DatasetOptions(train_data_dir=str(tmp_path), metadata_path="",  # type: ignore[arg-type]
+                       caption_extensions=[".txt"], background=[0, 0, 0])  # type: ignore[arg-type]
+    assert o.train_data_dir == tmp_path and o.metadata_path is None
+    assert o.caption_extensions == (".txt",) and o.background == (0, 0, 0)
+    assert o.max_area == 512 * 512
+    assert DatasetOptions(train_data_dir=tmp_path).caption_extensions == (".txt", ".caption")
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), [
+    ("missing_caption", "ignore", "warn_empty"),
+    ("crop", "top", "center"),
+    ("resolution", 500, "multiple of 8"),
+    ("resolution", 32, "64 to 8192"),
+    ("min_bucket_reso", 1024, "64 to 512"),
+    ("max_bucket_reso", 256, "512 to 8192"),
+    ("min_bucket_reso", 300, "multiple of bucket_reso_steps"),
+    ("bucket_reso_steps", 60, "multiple of 8"),
+    ("caption_dropout_rate", 1.5, "0.0 to 1.0"),
+    ("caption_tag_dropout_rate", -0.1, "0.0 to 1.0"),
+    ("keep_tokens", -1, "0 to"),
+    ("background", (255, 255), "three integers"),
+    ("background", (0, 0, 300), "three integers"),
+    ("max_image_pixels", 0, "4096 to"),
+    ("flip_aug", "yes", "true or false"),
+    ("caption_extensions", ("txt",), "starting with a dot"),
+    ("prefer_downscale_side", -5, "0 to"),
+])
+def test_bad_values_name_key_value_and_range(tmp_path: Path, key: str, value: object, allowed: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        DatasetOptions(train_data_dir=tmp_path, **{key: value})  # type: ignore[arg-type]
+    assert err.value.key == key
+    assert key in str(err.value) and repr(value) in str(err.value) and allowed in str(err.value)
+
+
+def test_trigger_policy_needs_trigger_word(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        DatasetOptions(train_data_dir=tmp_path, missing_caption="trigger")
+    assert err.value.key == "trigger_word"
+    DatasetOptions(train_data_dir=tmp_path, missing_caption="trigger", trigger_word="sks")
