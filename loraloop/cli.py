@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from dataclasses import replace
+from dataclasses import replace as _replace
 from pathlib import Path
 
 from PIL import Image
@@ -99,14 +100,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = load_config(DEMO_CONFIG, {"output_dir": args.output, "overwrite": "true"})
     print(f"demo: training {config.base_model} on the bundled dataset ({Path(config.train_data_dir)}) on the CPU")
-    return _train(replace(config), TqdmSink())
+    return _train(config, TqdmSink())
+
+
+def bucket_defaults(resolution: int) -> dict[str, int]:
+    """kohya's bucket settings for a resolution (64-px steps, sides 256..max(1024, 2·res)); finer for tiny test sizes."""
+    if resolution >= 256:
+        return {"resolution": resolution, "bucket_reso_steps": 64, "min_bucket_reso": 256,
+                "max_bucket_reso": max(1024, 2 * resolution)}
+    step = max(8, resolution // 8 // 8 * 8)
+    return {"resolution": resolution, "bucket_reso_steps": step, "min_bucket_reso": max(step, resolution // 2 // step * step),
+            "max_bucket_reso": 2 * resolution}
 
 
 def cmd_check_dataset(args: argparse.Namespace) -> int:
-    from .trainer.data import DatasetOptions, check_dataset, format_report
+    from .trainer.batches import dataset_options
+    from .trainer.config import TrainConfig, load_config
+    from .trainer.data import check_dataset, format_report
 
-    options = DatasetOptions(train_data_dir=Path(args.dir), metadata_path=Path(args.metadata) if args.metadata else None,
-                             recursive=args.recursive, resolution=args.resolution, trigger_word=args.trigger_word)
+    # The same dataset options training would use: from --config, else from the flags and the config defaults.
+    config = load_config(args.config) if args.config else TrainConfig()
+    if args.resolution:
+        config = _replace(config, **bucket_defaults(args.resolution))
+    overrides = {"train_data_dir": args.dir, "recursive": args.recursive or config.recursive}
+    if args.metadata:
+        overrides["metadata_path"] = args.metadata
+    if args.trigger_word:
+        overrides["trigger_word"] = args.trigger_word
+    options = dataset_options(_replace(config, **overrides))
     report = check_dataset(options, decode=not args.fast)
     print(format_report(report))
     return 1 if report.will_fail else 0
@@ -146,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="folder of training images")
     p.add_argument("--metadata", help="metadata.csv (filename,prompt) or metadata.jsonl")
     p.add_argument("--recursive", action="store_true", help="also scan sub-folders")
-    p.add_argument("--resolution", type=int, default=512, help="training resolution for the bucket table")
+    p.add_argument("--config", help="take the dataset options (resolution, buckets, captions) from this YAML config")
+    p.add_argument("--resolution", type=int, help="training resolution for the bucket table (default 512)")
     p.add_argument("--trigger-word", default="", help="trigger word, for caption coverage")
     p.add_argument("--fast", action="store_true", help="read image headers only (skip full decoding)")
     p.set_defaults(func=cmd_check_dataset)
@@ -158,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `loraloop check-dataset … | head` should not end in a traceback
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,44 @@
+"""Run by A1111/Forge (at start-up) and by ComfyUI-Manager (after requirements.txt): install only what is missing.
+
+Never installs, upgrades or pins torch, torchvision, xformers, gradio or transformers: the host owns those.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+# import name → pip requirement (from requirements.txt, which ComfyUI-Manager reads directly)
+REQUIREMENTS = Path(__file__).with_name("requirements.txt")
+IMPORT_NAMES = {"pyyaml": "yaml"}
+
+
+def missing() -> list[str]:
+    out = []
+    for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines():
+        req = line.split("#", 1)[0].strip()
+        if not req:
+            continue
+        name = req.split(">")[0].split("=")[0].split("<")[0].strip().lower()
+        if importlib.util.find_spec(IMPORT_NAMES.get(name, name)) is None:
+            out.append(req)
+    return out
+
+
+def main() -> None:
+    todo = missing()
+    if not todo:
+        return
+    try:  # inside A1111/Forge: their pip wrapper respects --skip-install and their index settings
+        import launch  # type: ignore[import-not-found]
+
+        for req in todo:
+            launch.run_pip(f'install "{req}"', f"LoRA Loop requirement: {req}")
+    except ImportError:
+        subprocess.check_call([sys.executable, "-m", "pip", "install", *todo])
+
+
+if __name__ == "__main__":
+    main()
