@@ -55,9 +55,10 @@ class DiffusersBundle:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusersBundle:
         """Move every module (the VAE stays float32: SD VAEs overflow in fp16)."""
-        self.unet.to(device=device, dtype=dtype)
+        kwargs = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
+        self.unet.to(**kwargs)
         for slot in self.text_encoders:
-            slot.module.to(device=device, dtype=dtype)
+            slot.module.to(**kwargs)
         self.vae.to(device=device, dtype=torch.float32)
         return self
 

@@ -1,0 +1,1 @@
+"""Test-only helpers (fixtures that several test modules share)."""
