@@ -250,12 +250,27 @@ def from_mapping(values: dict[str, Any], source: str = "config", base: TrainConf
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
                 sources: dict[str, str] | None = None) -> TrainConfig:
-    """Read a YAML config (the origin article's format), apply `overrides` (e.g. CLI flags), validate."""
-    import yaml
+    """Read a config file, apply `overrides` (e.g. CLI flags), validate.
 
+    `.yaml`/`.yml`: our format (the origin article's keys, kohya aliases). `.toml`: lora-scripts (both dialects) or
+    sd-scripts `--config_file`, translated; foreign keys we do not use are listed in one warning.
+    """
     path = Path(path)
     if not path.is_file():
         _fail("config", str(path), f"config file {path} does not exist")
+    if path.suffix.lower() == ".toml":
+        from .config_formats import from_kohya_toml
+
+        mapping, ignored = from_kohya_toml(path)
+        if ignored:
+            log.warning("%s: %d keys are not used by LoRA Loop and were ignored: %s", path, len(ignored),
+                        ", ".join(ignored))
+        config = _resolve_relative_paths(from_mapping(mapping, str(path), sources=sources), path.parent)
+        if overrides:
+            config = from_mapping(overrides, "command line", base=config, sources=sources)
+        return config.validate()
+    import yaml
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
