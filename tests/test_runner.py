@@ -1,0 +1,107 @@
+"""Long runs: periodic saves (keep last K), sample previews, cancel saves progress, atomic writes survive a kill."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from loraloop.trainer.errors import TrainingInterrupted
+from loraloop.trainer.progress import NullSink
+from loraloop.trainer.runner import run
+from test_loop import StopAfter, config_for
+
+class Previews(NullSink):
+    def __init__(self):
+        self.images = []
+
+    def preview(self, step, image):
+        self.images.append((step, image.size))
+
+def test_periodic_saves_keep_last_and_previews(tiny_sd1, demo_dataset, tmp_path):
+    config = config_for(demo_dataset, max_train_steps=6, save_every_n_steps=2, save_last_n=2,
+                        output_dir=str(tmp_path / "out"), output_name="run", sample_prompts=["a red circle"],
+                        sample_every_n_steps=3, sample_steps=2)
+    sink = Previews()
+    outputs = run(config, sink, bundle=tiny_sd1)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("run-step*.safetensors")) == ["run-step000004.safetensors",
+                                                                        "run-step000006.safetensors"]
+    assert [s for s, _ in sink.images] == [3, 6]
+    assert (out / "samples" / "run_step000003.png").is_file()
+    assert outputs.samples is not None and outputs.samples.is_file()
+    with safe_open(str(out / "run-step000004.safetensors"), "pt") as fh:
+        assert fh.metadata()["ss_steps"] == "4"
+    with safe_open(str(outputs.lora), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_steps"] == "6" and '"lora_rank": 4' in meta["loraloop_config"]
+    assert (out / "run.yaml").read_text().startswith("base_model: builtin:tiny-sd1")
+
+def test_cancel_saves_what_was_trained(tiny_sd1, demo_dataset, tmp_path):
+    config = config_for(demo_dataset, max_train_steps=10, output_dir=str(tmp_path), output_name="c")
+    with pytest.raises(TrainingInterrupted):
+        run(config, StopAfter(3), bundle=tiny_sd1)
+    saved = tmp_path / "c-interrupted-step000003.safetensors"
+    assert saved.is_file() and not (tmp_path / "c.safetensors").exists()
+
+def test_resume_from_cli_continues(demo_dataset, tmp_path):
+    """`loraloop train --resume` continues a run's saved state to a longer schedule."""
+    from loraloop.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        train_data_dir: {demo_dataset}
+        resolution: 64
+        min_bucket_reso: 32
+        max_bucket_reso: 128
+        bucket_reso_steps: 32
+        max_train_steps: 3
+        lr_scheduler: constant
+        output_dir: {tmp_path / 'out'}
+        output_name: r
+        """))
+    assert main(["train", "--config", str(cfg)]) == 0
+    state = tmp_path / "out" / "r-state.pt"
+    assert main(["train", "--config", str(cfg), "--resume", str(state), "--set", "lora_rank=16"]) == 2  # refused
+    assert main(["train", "--config", str(cfg), "--resume", str(state), "--set", "max_train_steps=5"]) == 0
+    with safe_open(str(tmp_path / "out" / "r.safetensors"), "pt") as fh:
+        assert fh.metadata()["ss_steps"] == "5"
+
+KILL_DURING_SAVE = """
+import os, signal, sys, torch
+import safetensors.torch as st
+from loraloop.trainer.lorafile import save_lora
+
+real = st.save_file
+def half_then_die(tensors, filename, metadata=None):
+    real(tensors, filename, metadata=metadata)
+    with open(filename, "r+b") as fh:   # leave a truncated temp file behind, then die mid-save
+        fh.truncate(100)
+    os.kill(os.getpid(), signal.SIGKILL)
+st.save_file = half_then_die
+save_lora(sys.argv[1], {"a": torch.ones(1000)}, {"k": "new"}, overwrite=True)
+"""
+
+def test_kill_during_save_leaves_previous_file_intact(tmp_path):
+    from loraloop.trainer.lorafile import load_lora, save_lora
+
+    target = tmp_path / "lora.safetensors"
+    save_lora(target, {"a": torch.zeros(10)}, {"k": "old"})
+    before = target.read_bytes()
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(target)], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert target.read_bytes() == before
+    tensors, meta = load_lora(target)
+    assert meta == {"k": "old"} and torch.equal(tensors["a"], torch.zeros(10))
+
+def test_nan_tensors_are_never_written(tmp_path):
+    from loraloop.trainer.errors import LoraFileError
+    from loraloop.trainer.lorafile import save_lora
+
+    with pytest.raises(LoraFileError, match="tensor 'bad' contains NaN or inf"):
+        save_lora(tmp_path / "x.safetensors", {"bad": torch.tensor([1.0, float("nan")])}, {})
+    assert not any(tmp_path.iterdir())
+
