@@ -155,3 +155,16 @@ class TestFailures:
         assert info.value.step == 2 and info.value.result.steps == 2
         assert info.value.result.state_dict and info.value.result.metadata["ss_steps"] == "2"
         assert_restored(before, tiny_sd1.unet)
+
+
+def test_tensorboard_scalars(tiny_sd1, demo_dataset, tmp_path):
+    """With tensorboard installed, loss and lr land in logging_dir as event scalars."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = config_for(demo_dataset, max_train_steps=3, logging_dir=str(tmp_path / "tb"))
+    train(tiny_sd1, batches_for(tiny_sd1, config), config)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert len(events.Scalars("lr")) == 3

@@ -34,6 +34,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], *, overwrite: bool =
         write(tmp)
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
+        tmp.chmod(0o644)  # mkstemp creates 0600; a LoRA is shared with the host's other users like any model file
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -192,11 +192,6 @@ class Network:
         modules = {comp: dict(m.named_modules()) for comp, m, _ in self._tuners}
         return {stem: modules[comp][path] for stem, (comp, path) in self.names.items()}
 
-    def set_multiplier(self, value: float) -> None:
-        """Scale every adapter's output (1.0 = as trained); used for before/after samples at a chosen weight."""
-        for layer in self._layers().values():
-            layer.scale_layer(value) if value != 1.0 else layer.unscale_layer()
-
     # -- export / import ------------------------------------------------------------------------------------------
     def state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """The adapters in kohya's (LoRA/LoCon) or LyCORIS's (LoHa/LoKr) key layout, every tensor in `dtype`."""

@@ -69,7 +69,11 @@ def prepare_batches(bundle: ModelBundle, dataset: TrainDataset, config: TrainCon
     cache_text = dataset.captions_are_static and not config.train_text_encoder
     if cache_text:
         sink.status("caching text conditioning")
-    return BatchMaker(bundle, dataset, config, latent_cache=cache, cache_text=cache_text)
+    batches = BatchMaker(bundle, dataset, config, latent_cache=cache, cache_text=cache_text)
+    offload = getattr(bundle, "offload", None)
+    if offload is not None and bundle.device.type != "cpu":  # free accelerator memory for activations
+        offload(vae=cache is not None, text_encoders=cache_text)
+    return batches
 
 
 def _initial_lora(config: TrainConfig) -> tuple[NetworkSpec, dict[str, torch.Tensor] | None]:

@@ -81,22 +81,32 @@ class DiffusersBundle:
         with torch.no_grad():
             return self.vae.decode(latents.to(vae_param.device, vae_param.dtype) / self.vae_scale).sample.float()
 
-    def _token_ids(self, tokenizer, captions: list[str]) -> torch.Tensor:  # noqa: ANN001 - transformers type
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(self.device)
+    @staticmethod
+    def _token_ids(tokenizer, captions: list[str], module: nn.Module) -> torch.Tensor:  # noqa: ANN001
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return ids.to(next(module.parameters()).device)  # the encoder may have been offloaded after caching
 
     def encode_text(self, captions: list[str]) -> Conditioning:
         if not self.family.is_sdxl:
             te = self.text_encoders[0].module
-            return Conditioning(te(self._token_ids(self.tokenizers[0], captions))[0])
+            return Conditioning(te(self._token_ids(self.tokenizers[0], captions, te))[0]).to(self.device)
         # SDXL: penultimate hidden states of both encoders, concatenated; pooled projection of the second.
         states, pooled = [], None
         for slot, tokenizer in zip(self.text_encoders, self.tokenizers, strict=True):
-            out = slot.module(self._token_ids(tokenizer, captions), output_hidden_states=True)
-            states.append(out.hidden_states[-2])
+            out = slot.module(self._token_ids(tokenizer, captions, slot.module), output_hidden_states=True)
+            states.append(out.hidden_states[-2].to(self.device))
             if hasattr(out, "text_embeds"):
-                pooled = out.text_embeds
+                pooled = out.text_embeds.to(self.device)
         return Conditioning(torch.cat(states, dim=-1), pooled)
+
+    def offload(self, *, vae: bool, text_encoders: bool, device: str = "cpu") -> None:
+        """Move what the loop no longer needs off the accelerator (latents / text conditioning are cached)."""
+        if vae:
+            self.vae.to(device)
+        if text_encoders:
+            for slot in self.text_encoders:
+                slot.module.to(device)
 
     # -- denoiser -----------------------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
