@@ -89,6 +89,18 @@ class TestLearning:
         assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
         assert_restored(before, tiny_sd1.unet, tiny_sd1.text_encoders[0].module)
 
+    def test_v_prediction_and_fp16_loss_scaling(self, demo_dataset):
+        """A v-prediction model trains on the v target (fp16 autocast + GradScaler) and says so in its metadata."""
+        from loraloop.trainer.bundles.tiny import build_tiny_bundle
+
+        bundle = build_tiny_bundle("tiny-sd1-v")
+        config = config_for(demo_dataset, max_train_steps=3, mixed_precision="fp16")
+        result = train(bundle, batches_for(bundle, config), config)
+        assert all(math.isfinite(v) for v in result.losses)
+        assert result.metadata["modelspec.prediction_type"] == "v"
+        assert result.metadata["ss_v_parameterization"] == "True"
+        assert result.train_state.scaler["scale"] > 0  # the loss scaler was active
+
     def test_sdxl_trains(self, tiny_sdxl, demo_dataset):
         config = config_for(demo_dataset, max_train_steps=2, train_text_encoder=True)
         result = train(tiny_sdxl, batches_for(tiny_sdxl, config), config)

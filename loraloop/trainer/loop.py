@@ -222,5 +222,6 @@ def _result(network: Network, config: TrainConfig, spec: NetworkSpec, run: RunIn
     state = network.state_dict(SAVE_DTYPES[config.save_precision])
     meta = build_metadata(family=network.bundle.family, spec=spec, run=run, config=config.to_dict(),
                           output_name=config.output_name,
-                          trigger_words=[config.trigger_word] if config.trigger_word else None)
+                          trigger_words=[config.trigger_word] if config.trigger_word else None,
+                          prediction_type=network.bundle.prediction_type)
     return TrainResult(state, meta, list(losses), steps, spec, run, interrupted)

@@ -34,8 +34,9 @@ def _s(value: object) -> str:
 
 
 def build_metadata(*, family: Family, spec: NetworkSpec, run: RunInfo, config: dict, output_name: str,
-                   trigger_words: list[str] | None = None) -> dict[str, str]:
+                   trigger_words: list[str] | None = None, prediction_type: str | None = None) -> dict[str, str]:
     """kohya's metadata for the run, plus ModelSpec and our effective config (all values are strings)."""
+    v_pred = (prediction_type or config.get("prediction_type") or family.prediction_type) == "v_prediction"
     res = int(config.get("resolution", family.resolution))
     finished = time.time()
     meta = {
@@ -46,7 +47,7 @@ def build_metadata(*, family: Family, spec: NetworkSpec, run: RunInfo, config: d
         "ss_sd_model_name": run.model_name,
         "ss_base_model_version": family.ss_base_model_version,
         "ss_v2": _s(family.is_v2),
-        "ss_v_parameterization": _s(config.get("prediction_type") == "v_prediction" or family.name == "sd2-v"),
+        "ss_v_parameterization": _s(v_pred),
         "ss_network_module": spec.kohya_module,
         "ss_network_dim": _s(spec.rank),
         "ss_network_alpha": _s(spec.alpha),
@@ -91,7 +92,7 @@ def build_metadata(*, family: Family, spec: NetworkSpec, run: RunInfo, config: d
         "modelspec.title": output_name,
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.date": datetime.fromtimestamp(finished, tz=timezone.utc).isoformat(timespec="seconds"),
-        "modelspec.prediction_type": "v" if (config.get("prediction_type") == "v_prediction") else "epsilon",
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "loraloop_config": json.dumps(config, default=str, sort_keys=True),
         "loraloop_changes": json.dumps(run.changes),
     }
