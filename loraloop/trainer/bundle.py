@@ -8,6 +8,7 @@ returns the native prediction (epsilon or v); a host whose model works in sigma/
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -44,8 +45,13 @@ class Conditioning:
 
     @staticmethod
     def cat(items: list[Conditioning]) -> Conditioning:
+        """Batch conditionings; contexts of different lengths (long captions: 77·k tokens) are repeated to their
+        least common multiple, which is what cross-attention sees as the same sequence (ComfyUI does the same)."""
+        lengths = {c.context.shape[1] for c in items}
+        target = math.lcm(*lengths)
+        contexts = [c.context.repeat(1, target // c.context.shape[1], 1) for c in items]
         pooled = None if items[0].pooled is None else torch.cat([c.pooled for c in items])  # type: ignore[misc]
-        return Conditioning(torch.cat([c.context for c in items]), pooled)
+        return Conditioning(torch.cat(contexts), pooled)
 
 
 @dataclass

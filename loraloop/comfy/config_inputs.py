@@ -1,0 +1,149 @@
+"""LoRATrainConfig's widgets, built from `TrainConfig`'s field metadata (help, default, min/max, choices).
+
+So the node, the CLI `--help` and the A1111 UI cannot drift apart. Fields the ComfyUI host provides itself are listed in
+`HOST_OWNED` with the reason; every other engine option becomes a widget. The CONFIG value is a `NodeConfig`: the
+widget values plus the "auto" choices that are resolved once the MODEL is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..trainer.config import TrainConfig, field_help, from_mapping
+from ..trainer.families import Family
+
+HOST_OWNED: dict[str, str] = {
+    "base_model": "the MODEL/CLIP/VAE inputs of TrainLoRA are the base model",
+    "family": "detected from the MODEL",
+    "prediction_type": "read from the MODEL's model_sampling (ModelSamplingDiscrete nodes apply)",
+    "train_data_dir": "the DATASET input (LoadDataset)",
+    "metadata_path": "LoadDataset's metadata_file",
+    "recursive": "LoadDataset's recursive",
+    "caption_extension": "LoadDataset's caption_extension",
+    "trigger_word": "LoadDataset / Caption",
+    "output_dir": "LoRAs are saved into ComfyUI's models/loras (SaveLoRA)",
+    "output_name": "TrainLoRA's name",
+    "overwrite": "files are never overwritten: saved names are made unique",
+    "logging_dir": "an absolute folder would make the workflow machine-specific",
+    "cache_latents_to_disk": "latents are cached in memory inside ComfyUI",
+    "train_text_encoder": "inside ComfyUI LoRA Loop trains the UNet only in this version",
+    "text_encoder_lr": "inside ComfyUI LoRA Loop trains the UNet only in this version",
+}
+AUTO = "auto"
+NONE_AS_ZERO = "0 = off / use the default"
+# Node defaults that differ from the engine's, and why.
+NODE_DEFAULTS: dict[str, Any] = {
+    "resolution": 0,  # 0 = the family's native size (512 SD1/SD2, 768 SD2-v, 1024 SDXL)
+    "mixed_precision": AUTO,  # follow the loaded model's dtype (ComfyUI loads fp16/bf16 on GPUs)
+    "gradient_checkpointing": True,  # a host already holds other models: trade speed for memory by default
+    "max_train_steps": 500,  # a node run should end; epochs are still used when set to 0
+}
+SMALL_FLOAT = 0.01  # floats with smaller defaults get a fine step and no rounding (learning rates)
+
+
+def _base_type(field_type: str) -> tuple[str, bool]:
+    optional = "None" in field_type
+    return field_type.replace(" | None", "").strip(), optional
+
+
+def _tooltip(meta: dict, extra: str = "") -> str:
+    return " ".join(x for x in (meta["help"], extra) if x)
+
+
+def widget_inputs(io: Any, lora_names: list[str]) -> list:
+    """One io input per engine option that is not host-owned, in TrainConfig's order."""
+    inputs = []
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    for name, meta in field_help().items():
+        if name in HOST_OWNED:
+            continue
+        base, optional = _base_type(types[name])
+        default = NODE_DEFAULTS.get(name, meta["default"])
+        choices = meta.get("choices")
+        if name == "resume_lora":
+            inputs.append(io.Combo.Input(name, options=["[none]", *lora_names], default="[none]", optional=True,
+                                         tooltip=_tooltip(meta, "Pick a LoRA from models/loras.")))
+        elif choices is not None:
+            options = [AUTO if c is None else c for c in choices]
+            if name == "mixed_precision":
+                options = [AUTO, *options]
+            inputs.append(io.Combo.Input(name, options=options, default=AUTO if default is None else default,
+                                         tooltip=_tooltip(meta, "auto: follow the loaded model." if AUTO in options else "")))
+        elif base == "bool":
+            inputs.append(io.Boolean.Input(name, default=bool(default), tooltip=_tooltip(meta)))
+        elif base == "int":
+            lo = 0 if (optional or name in NODE_DEFAULTS) else meta["min"]
+            hint = "0 = the model family's native resolution." if name == "resolution" else (NONE_AS_ZERO if optional else "")
+            inputs.append(io.Int.Input(name, default=int(default or 0), min=int(lo), max=int(meta["max"]),
+                                       tooltip=_tooltip(meta, hint)))
+        elif base == "float":
+            lo = 0.0 if optional else meta["min"]
+            fine = default is not None and 0 < abs(default) < SMALL_FLOAT
+            inputs.append(io.Float.Input(name, default=float(default or 0.0), min=float(lo), max=float(meta["max"]),
+                                         step=1e-6 if fine else 0.01, round=False if fine else None,
+                                         tooltip=_tooltip(meta, NONE_AS_ZERO if optional else "")))
+        elif base == "list[str]":
+            multiline = name == "sample_prompts"
+            hint = "One per line." if multiline else "Comma-separated."
+            inputs.append(io.String.Input(name, default="", multiline=multiline, optional=True,
+                                          tooltip=_tooltip(meta, hint)))
+        else:
+            inputs.append(io.String.Input(name, default=str(default or ""), tooltip=_tooltip(meta)))
+    return inputs
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The CONFIG value: engine options plus the choices left to 'auto'."""
+
+    values: dict[str, Any]
+    auto: frozenset[str] = frozenset()
+
+    def resolve(self, family: Family, prediction_type: str, model_dtype: torch.dtype) -> TrainConfig:
+        """The TrainConfig for a run on a model of `family` whose weights are `model_dtype`."""
+        values = dict(self.values)
+        if "resolution" in self.auto:
+            values["resolution"] = family.resolution
+        if "mixed_precision" in self.auto:
+            values["mixed_precision"] = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model_dtype, "no")
+        config = from_mapping(values, "LoRATrainConfig")
+        return replace(config, family=family.name, prediction_type=prediction_type).validate()
+
+
+def node_config(widgets: dict[str, Any], base: dict[str, Any] | None = None) -> NodeConfig:
+    """Widget values (+ values imported from YAML, which win) → NodeConfig; 0/''/'auto'/'[none]' mean unset."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    auto: set[str] = set()
+    for name, value in widgets.items():
+        if name not in types or name in HOST_OWNED:
+            continue
+        base_type, optional = _base_type(types[name])
+        if value == AUTO or (name == "resolution" and value == 0):
+            auto.add(name)
+            continue
+        if name == "resume_lora":
+            value = None if value in (None, "", "[none]") else value
+        elif base_type == "list[str]":
+            sep = "\n" if name == "sample_prompts" else ","
+            value = [v.strip() for v in (value or "").split(sep) if v.strip()]
+        elif optional and value in (0, 0.0, ""):
+            value = None
+        values[name] = value
+    for name, value in (base or {}).items():
+        values[name] = value
+        auto.discard(name)
+    return NodeConfig(values, frozenset(auto))
+
+
+def default_node_config() -> NodeConfig:
+    """What TrainLoRA uses when no CONFIG is connected: the node defaults."""
+    widgets = {name: NODE_DEFAULTS.get(name, meta["default"]) for name, meta in field_help().items()}
+    widgets = {k: (AUTO if v is None and field_help()[k].get("choices") else v) for k, v in widgets.items()}
+    for name in ("sample_prompts", "target_modules"):
+        widgets[name] = ""
+    return node_config(widgets)

@@ -1,0 +1,201 @@
+"""One TrainLoRA run inside ComfyUI: encode once, evict the rest, train the host's UNet in place, hand it back.
+
+Order matters (hosts.md §3, Part C):
+1. captions and images are encoded first, with ComfyUI loading the CLIP and VAE as it likes;
+2. the MODEL is loaded with every other model evicted (`load_models_gpu`, full load unless dynamic VRAM);
+3. its inference-tensor weights are re-wrapped for autograd without a copy (`host.trainable_weights`), the engine
+   trains (adapters injected and always removed), and the original Parameter objects are put back;
+4. the LoRA is applied to clones of MODEL/CLIP only (`comfy.sd.load_lora_for_models`); the input MODEL is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..trainer.batches import BatchMaker
+from ..trainer.config import TrainConfig
+from ..trainer.data import tag_frequency
+from ..trainer.errors import LoraFileError, LoraLoopError, TrainingInterrupted
+from ..trainer.lorafile import load_lora, save_lora
+from ..trainer.loop import SAVE_DTYPES, TrainResult, network_spec, train
+from ..trainer.metadata import RunInfo, build_metadata
+from ..trainer.network import Network, NetworkSpec, spec_from_state_dict
+from ..trainer.plot import image_grid, loss_curve, to_pil
+from ..trainer.runner import prepare_batches
+from ..trainer.sampling import sample_latents
+from .config_inputs import NodeConfig
+from .datasets import ComfyDataset
+from .host import ComfyBundle, trainable_weights
+from .paths import find_lora, invalidate_lora_list, lora_target
+from .sink import ComfySink
+
+log = logging.getLogger(__name__)
+
+OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+EVICT_ALL_OTHER_MODELS = 1e20  # memory_required that makes load_models_gpu unload every other model (nodes_train does the same)
+
+
+class TrainedLora(dict):
+    """A LORA_MODEL (dict of kohya-named tensors, usable by ComfyUI's LoraModelLoader) that also carries what SaveLoRA
+    writes beside it: metadata, trigger words, a preview image and the family."""
+
+    metadata: dict[str, str]
+    trigger_words: list[str]
+    preview: Any
+    family: str
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], trigger_words: list[str],
+                 preview: Any = None, family: str = "") -> None:
+        super().__init__(tensors)
+        self.metadata, self.trigger_words, self.preview, self.family = metadata, trigger_words, preview, family
+
+
+@dataclass
+class ComfyRun:
+    lora: TrainedLora
+    model: Any
+    clip: Any
+    losses: list[float]
+    steps: int
+    summary: str
+    partial_path: Path | None = None
+    changes: list[str] = field(default_factory=list)
+
+
+class OutOfMemory(LoraLoopError):
+    """Training ran out of device memory; the message lists what to lower."""
+
+
+def _initial_lora(config: TrainConfig) -> tuple[NetworkSpec, dict[str, torch.Tensor] | None]:
+    spec = network_spec(config)
+    if not config.resume_lora:
+        return spec, None
+    tensors, metadata = load_lora(find_lora(config.resume_lora))
+    if any(k.startswith("lora_te") for k in tensors):
+        msg = (f"{config.resume_lora} also holds text-encoder weights; inside ComfyUI LoRA Loop trains the UNet only, "
+               "so it cannot continue this LoRA without dropping them")
+        raise LoraFileError(msg, path=config.resume_lora)
+    return spec_from_state_dict(tensors, spec, metadata), tensors
+
+
+class _StepHook:
+    """Intermediate saves into models/loras and sample previews during training."""
+
+    def __init__(self, bundle: ComfyBundle, config: TrainConfig, spec: NetworkSpec, sink: ComfySink,
+                 run: RunInfo) -> None:
+        self.bundle, self.config, self.spec, self.sink, self.run = bundle, config, spec, sink, run
+        self.saved: list[Path] = []
+
+    def __call__(self, step: int, network: Network) -> None:
+        c = self.config
+        if c.save_every_n_steps and step % c.save_every_n_steps == 0:
+            folder, stem = lora_target(f"{c.output_name}-step{step:06d}")
+            meta = build_metadata(family=self.bundle.family, spec=self.spec, run=replace(self.run, steps=step),
+                                  config=c.to_dict(), output_name=c.output_name)
+            self.saved.append(save_lora(folder / f"{stem}.safetensors",
+                                        network.state_dict(SAVE_DTYPES[c.save_precision]), meta, overwrite=True))
+            while c.save_last_n and len(self.saved) > c.save_last_n:
+                self.saved.pop(0).unlink(missing_ok=True)
+            invalidate_lora_list()
+        if c.sample_prompts and c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
+            self.sink.preview(step, image_grid([to_pil(self._sample())], [f"step {step}"]))
+
+    def _sample(self) -> torch.Tensor:
+        c = self.config
+        latents = sample_latents(self.bundle, c.sample_prompts, height=c.resolution, width=c.resolution,
+                                 steps=c.sample_steps, cfg=c.sample_cfg, seed=c.seed)
+        return self.bundle.decode_latents(latents)
+
+
+def _load_for_training(bundle: ComfyBundle, config: TrainConfig, dynamic_captions: bool) -> None:
+    import comfy.model_management as mm
+
+    models = [bundle.patcher]
+    if dynamic_captions:  # captions change per step: keep the CLIP loaded beside the UNet
+        models.append(bundle.clip.patcher)  # type: ignore[attr-defined]
+    dynamic = bool(getattr(bundle.patcher, "is_dynamic", lambda: False)())
+    mm.load_models_gpu(models, memory_required=EVICT_ALL_OTHER_MODELS, force_full_load=not dynamic)
+
+
+def _final_preview(bundle: ComfyBundle, config: TrainConfig, result: TrainResult, spec: NetworkSpec) -> Any:
+    """A fixed-seed sample with the LoRA (decoded with the real VAE after the adapters are gone), else the loss plot."""
+    if not config.sample_prompts:
+        return loss_curve(result.losses, title=f"{config.output_name}: loss")
+    with torch.no_grad(), Network(bundle, replace(spec, train_unet=True)) as network:
+        network.load_state_dict({k: v.float() for k, v in result.state_dict.items()})
+        latents = sample_latents(bundle, config.sample_prompts[:1], height=config.resolution, width=config.resolution,
+                                 steps=config.sample_steps, cfg=config.sample_cfg, seed=config.seed)
+    bundle.preview_decode = False
+    return to_pil(bundle.decode_latents(latents))[0]
+
+
+def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_config: NodeConfig, *, name: str,
+               node_id: str | None, save_on_cancel: bool = True) -> ComfyRun:
+    """Train on the workflow's MODEL and return the LoRA plus MODEL/CLIP clones with it applied."""
+    import comfy.model_management as mm
+    import comfy.sd
+
+    with torch.inference_mode(False):
+        bundle = ComfyBundle(model, clip, vae, name=name)
+        config = node_config.resolve(bundle.family, bundle.prediction_type, bundle.dtype)
+        config = dataset.config_for(replace(config, output_name=name))
+        train_dataset = dataset.build(config)
+        sink = ComfySink(node_id)
+        sink.status(f"{bundle.family.name} ({bundle.prediction_type}); {len(train_dataset.records)} images, "
+                    f"{len(train_dataset)} samples per epoch at {config.resolution}px")
+        spec, initial = _initial_lora(config)
+        captions = sorted({r.caption or "" for r in train_dataset.records} | {config.trigger_word, ""})
+        bundle.set_caption_lengths(captions + list(config.sample_prompts))
+        bundle.cache_text(list(config.sample_prompts))
+        batches: BatchMaker = prepare_batches(bundle, train_dataset, config, sink)
+        run = RunInfo(model_name=name, num_images=len(train_dataset.records),
+                      tag_frequency=tag_frequency(train_dataset.records),
+                      dataset_dirs=train_dataset.scan.dataset_dirs(),
+                      bucket_info={"buckets": {f"{w}x{h}": n for (w, h), n in train_dataset.bucket_counts().items()}})
+        _load_for_training(bundle, config, dynamic_captions=not train_dataset.captions_are_static)
+        bundle.preview_decode = True
+        partial_path = None
+        try:
+            with trainable_weights(bundle.unet) as wrapped:
+                log.info("LoRA Loop: %d frozen tensors re-wrapped for autograd (no copy)", wrapped)
+                result = train(bundle, batches, config, sink, spec=spec, initial_lora=initial, run=run,
+                               on_step_end=_StepHook(bundle, config, spec, sink, run))
+            # Outside the re-wrap: decoding may make ComfyUI move the UNet's (original) weights.
+            preview = _final_preview(bundle, config, result, spec)
+        except TrainingInterrupted as stop:
+            partial = getattr(stop, "result", None)
+            if save_on_cancel and partial is not None and partial.steps > 0:
+                folder, stem = lora_target(f"{name}-cancelled-step{partial.steps:06d}")
+                partial_path = save_lora(folder / f"{stem}.safetensors", partial.state_dict, partial.metadata,
+                                         overwrite=True)
+                invalidate_lora_list()
+                sink.status(f"cancelled after {partial.steps} steps; saved {partial_path.name} in models/loras")
+            raise mm.InterruptProcessingException() from stop
+        except OOM_ERRORS as err:
+            msg = (f"out of memory on {bundle.device} while training at {config.resolution}px, batch {config.batch_size}"
+                   f": lower resolution or batch_size, turn on gradient_checkpointing, use mixed_precision bf16/fp16 "
+                   f"or a smaller lora_rank ({err.__class__.__name__})")
+            raise OutOfMemory(msg) from err
+        finally:
+            bundle.preview_decode = False
+            mm.soft_empty_cache()
+        triggers = [config.trigger_word] if config.trigger_word else []
+        lora = TrainedLora(result.state_dict, result.metadata, triggers, preview, bundle.family.name)
+        model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    summary = (f"trained {result.steps} steps on {len(train_dataset.records)} images; final loss "
+               f"{result.losses[-1]:.4f}" if result.losses else "no steps trained")
+    return ComfyRun(lora, model_out, clip_out, result.losses, result.steps, summary, partial_path)
+
+
+def loss_image(losses: list[float], title: str) -> torch.Tensor:
+    """The loss curve as a ComfyUI IMAGE ([1,H,W,3] float in [0,1])."""
+    import numpy as np
+
+    array = np.asarray(loss_curve(losses, title=title).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array)[None]
+

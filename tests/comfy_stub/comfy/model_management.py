@@ -1,0 +1,81 @@
+"""Stand-in for comfy/model_management.py (ComfyUI 0.12.3): loading bookkeeping and the interrupt flag."""
+
+import threading
+
+import torch
+
+current_loaded_models = []
+load_calls = []  # (models, memory_required, force_full_load), for assertions
+empty_cache_calls = 0
+
+
+class InterruptProcessingException(Exception):
+    pass
+
+
+interrupt_processing_mutex = threading.RLock()
+interrupt_processing = False
+
+
+def interrupt_current_processing(value=True):
+    global interrupt_processing
+    with interrupt_processing_mutex:
+        interrupt_processing = value
+
+
+def processing_interrupted():
+    with interrupt_processing_mutex:
+        return interrupt_processing
+
+
+def throw_exception_if_processing_interrupted():
+    global interrupt_processing
+    with interrupt_processing_mutex:
+        if interrupt_processing:
+            interrupt_processing = False
+            raise InterruptProcessingException()
+
+
+def get_torch_device():
+    return torch.device("cpu")
+
+
+def intermediate_device():
+    return torch.device("cpu")
+
+
+def unet_offload_device():
+    return torch.device("cpu")
+
+
+def free_memory(memory_required, device, keep_loaded=[], for_dynamic=False, ram_required=0):  # noqa: B006 - as upstream
+    unloaded = [m for m in current_loaded_models if m not in keep_loaded]
+    for m in unloaded:
+        current_loaded_models.remove(m)
+    return unloaded
+
+
+def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                    force_full_load=False):
+    load_calls.append((list(models), memory_required, force_full_load))
+    for m in models:
+        if m.is_dynamic():
+            assert not force_full_load, "ModelPatcherDynamic.load asserts not full_load"
+        for other in [x for x in current_loaded_models if x is not m and m.is_clone(x)]:
+            current_loaded_models.remove(other)  # a clone replaces its siblings, as upstream
+        if m not in current_loaded_models:
+            m.patch_model(m.load_device)
+            current_loaded_models.insert(0, m)
+
+
+def load_model_gpu(model):
+    return load_models_gpu([model])
+
+
+def unload_all_models():
+    free_memory(1e30, get_torch_device())
+
+
+def soft_empty_cache(force=False):
+    global empty_cache_calls
+    empty_cache_calls += 1

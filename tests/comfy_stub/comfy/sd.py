@@ -1,0 +1,105 @@
+"""Stand-in for comfy/sd.py (ComfyUI 0.12.3): CLIP, VAE and load_lora_for_models, over tiny modules."""
+
+import logging
+
+import torch
+
+from . import model_management
+from .model_patcher import ModelPatcher
+
+log = logging.getLogger(__name__)
+CHUNK = 77
+
+
+class CLIP:
+    """`encoders`: {"l": CLIPTextModel} (SD1/SD2) or {"l": …, "g": CLIPTextModelWithProjection} (SDXL)."""
+
+    def __init__(self, encoders, tokenizer, no_init=False):
+        if no_init:
+            return
+        self.cond_stage_model = torch.nn.ModuleDict(encoders)
+        self.tokenizer = tokenizer
+        self.patcher = ModelPatcher(self.cond_stage_model, torch.device("cpu"), torch.device("cpu"))
+        self.layer_idx = None
+
+    def clone(self):
+        n = CLIP(None, None, no_init=True)
+        n.cond_stage_model, n.tokenizer, n.layer_idx = self.cond_stage_model, self.tokenizer, self.layer_idx
+        n.patcher = self.patcher.clone()
+        return n
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        return self.patcher.add_patches(patches, strength_patch, strength_model)
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        ids = self.tokenizer(text, truncation=False).input_ids[1:-1]
+        chunks = [ids[i : i + CHUNK - 2] for i in range(0, max(len(ids), 1), CHUNK - 2)] or [[]]
+        out = []
+        for chunk in chunks:
+            row = [self.tokenizer.bos_token_id, *chunk, self.tokenizer.eos_token_id]
+            row += [self.tokenizer.pad_token_id] * (CHUNK - len(row))
+            out.append([(t, 1.0) for t in row])
+        return {key: out for key in self.cond_stage_model}
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        model_management.load_model_gpu(self.patcher)
+        states, pooled = [], None
+        for key, encoder in self.cond_stage_model.items():
+            ids = torch.tensor([[t for t, _ in chunk] for chunk in tokens[key]])
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2].reshape(1, -1, out.hidden_states[-2].shape[-1]))
+            pooled = getattr(out, "text_embeds", None)
+            if pooled is None:
+                pooled = out.pooler_output
+            pooled = pooled[:1]
+        cond = torch.cat(states, dim=-1)
+        if return_dict:
+            return {"cond": cond, "pooled_output": pooled}
+        return (cond, pooled) if return_pooled else cond
+
+    def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict={}, show_pbar=True):  # noqa: B006
+        d = self.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        cond = d.pop("cond")
+        d.update(add_dict)
+        return [[cond, d]]
+
+
+class VAE:
+    """A fixed 8x pooling 'VAE': [B,H,W,3] in [0,1] → raw latents [B,4,H/8,W/8] and back."""
+
+    def __init__(self):
+        self.patcher = ModelPatcher(torch.nn.Identity(), torch.device("cpu"), torch.device("cpu"))
+        self.encode_calls = 0
+        self.decode_calls = 0
+
+    def encode(self, pixel_samples):
+        model_management.load_models_gpu([self.patcher])
+        self.encode_calls += 1
+        x = pixel_samples.movedim(-1, 1) * 2 - 1
+        pooled = torch.nn.functional.avg_pool2d(x, 8)
+        return torch.cat([pooled, pooled.mean(dim=1, keepdim=True)], dim=1) * 4.0
+
+    def decode(self, samples_in, vae_options={}):  # noqa: B006
+        model_management.load_models_gpu([self.patcher])
+        self.decode_calls += 1
+        rgb = torch.nn.functional.interpolate(samples_in[:, :3] / 4.0, scale_factor=8)
+        return ((rgb + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
+    """Clones with the LoRA recorded as patches per kohya module stem; unknown prefixes are 'lora key not loaded'."""
+    stems = {}
+    for key, value in lora.items():
+        stem, _, part = key.partition(".")
+        stems.setdefault(stem, {})[part] = value
+    unet = {s: v for s, v in stems.items() if s.startswith("lora_unet_")}
+    te = {s: v for s, v in stems.items() if s.startswith("lora_te")}
+    for stem in set(stems) - set(unet) - set(te):
+        log.warning("lora key not loaded: %s", stem)
+    new_model = None if model is None else model.clone()
+    if new_model is not None and unet:
+        new_model.add_patches(unet, strength_model)
+    new_clip = None if clip is None else clip.clone()
+    if new_clip is not None and te:
+        new_clip.add_patches(te, strength_clip)
+    return new_model, new_clip

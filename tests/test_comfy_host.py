@@ -1,0 +1,195 @@
+"""The ComfyUI host bundle against the stand-in (tests/comfy_stub), with the real ldm UNet and the real engine."""
+
+import math
+
+import pytest
+import torch
+
+from comfy_stub.harness import FAST, assert_unchanged, setup_host, snapshot  # noqa: I001 - puts the stub first
+
+import comfy.model_management as mm
+from comfy_stub import stub_models
+from loraloop.comfy.config_inputs import node_config
+from loraloop.comfy.datasets import ComfyDataset
+from loraloop.comfy.host import ComfyBundle, detect_family, trainable_weights
+from loraloop.comfy.training import train_lora
+from loraloop.trainer.bundle import Conditioning, SizeInfo
+from loraloop.trainer.errors import TrainingInterrupted, UnsupportedModelError
+
+# kohya names of the tiny UNet's attention blocks (attention at the full-resolution level only): SD1/SD2 use the
+# diffusers path, SDXL the LDM path (lora-format.md §1.3). Written out by hand, not computed by our naming code.
+SD1_BLOCKS = ["down_blocks_0_attentions_0", "down_blocks_0_attentions_1", "mid_block_attentions_0",
+              "up_blocks_1_attentions_0", "up_blocks_1_attentions_1", "up_blocks_1_attentions_2"]
+SDXL_BLOCKS = ["input_blocks_1_1", "input_blocks_2_1", "middle_block_1", "output_blocks_3_1", "output_blocks_4_1",
+               "output_blocks_5_1"]
+LAYERS = ["proj_in", "proj_out"] + [f"transformer_blocks_0_{a}_{p}" for a in ("attn1", "attn2")
+                                    for p in ("to_q", "to_k", "to_v", "to_out_0")] + \
+         ["transformer_blocks_0_ff_net_0_proj", "transformer_blocks_0_ff_net_2"]
+
+
+def expected(blocks):
+    return {f"lora_unet_{b}_{layer}" for b in blocks for layer in LAYERS}
+
+
+@pytest.fixture
+def host(tmp_path):
+    # Tiny random models hit subnormal floats in backward, which are ~5x slower on CPU; flush them for these tests.
+    torch.set_flush_denormal(True)
+    yield setup_host(tmp_path)
+    torch.set_flush_denormal(False)
+
+
+def dataset(base):
+    return ComfyDataset("style", base / "input" / "style", trigger_word="flatstyle")
+
+
+def test_family_detection():
+    assert [detect_family(stub_models.build(k)[0])[0].name for k in ("sd15", "sd20v", "sdxl")] == ["sd1", "sd2-v", "sdxl"]
+    assert detect_family(stub_models.build("sd20v")[0])[1] == "v_prediction"
+    with pytest.raises(UnsupportedModelError, match="Flux"):
+        detect_family(stub_models.build("flux")[0])
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd20v"])
+def test_predict_converts_x0_to_the_native_prediction(kind):
+    """apply_model returns x0 given sigma; predict must return exactly what the UNet itself predicts (eps or v)."""
+    patcher, _, _ = stub_models.build(kind)
+    with torch.inference_mode(False):
+        bundle = ComfyBundle(patcher, None, None)
+        gen = torch.Generator().manual_seed(0)
+        noisy = torch.randn(3, 4, 8, 8, generator=gen)
+        t = torch.tensor([5, 400, 990])
+        ctx = torch.randn(3, 77, 32, generator=gen)
+        native = bundle.unet(noisy, t.float(), context=ctx)  # eps (or v) from the UNet, VP input
+        got = bundle.predict(noisy, t, Conditioning(ctx))
+    assert torch.allclose(got, native, atol=2e-4, rtol=1e-4), (got - native).abs().max()
+    # ᾱ comes from the model's sigmas: ᾱ = 1/(1+σ²) must match the scaled-linear schedule
+    from loraloop.trainer.schedule import scaled_linear_alphas_cumprod
+
+    assert torch.allclose(bundle.alphas_cumprod, scaled_linear_alphas_cumprod(), atol=1e-6)
+
+
+def test_sdxl_predict_passes_adm():
+    patcher, clip, _ = stub_models.build("sdxl")
+    with torch.inference_mode(False):
+        bundle = ComfyBundle(patcher, clip, None)
+        cond = bundle.encode_text(["a cat", "a dog"])
+        assert cond.context.shape == (2, 77, 64) and cond.pooled.shape == (2, 32)
+        noisy = torch.randn(2, 4, 8, 8)
+        sizes = [SizeInfo((64, 64), (0, 0), (64, 64)), SizeInfo((80, 64), (8, 0), (64, 64))]
+        out = bundle.predict(noisy, torch.tensor([100, 100]), cond, sizes)
+        y = torch.cat([bundle.base_model.encode_adm(pooled_output=cond.pooled[i : i + 1], height=s.original[0],
+                                                    width=s.original[1], crop_h=s.crop_top_left[0], crop_w=0,
+                                                    target_height=64, target_width=64) for i, s in enumerate(sizes)])
+        native = bundle.unet(noisy, torch.tensor([100.0, 100.0]), context=cond.context, y=y)
+    assert torch.allclose(out, native, atol=2e-4)
+
+
+def test_inference_weights_need_the_rewrap_and_it_restores_bit_exactly():
+    patcher, _, _ = stub_models.build("sd15")
+    unet = patcher.model.diffusion_model
+    snap = snapshot(unet)
+    x = torch.randn(1, 4, 8, 8)
+    ctx = torch.randn(1, 77, 32)
+    with torch.inference_mode(), torch.inference_mode(False):
+        extra = torch.nn.Parameter(torch.zeros(1, 4, 8, 8))
+        with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+            unet(x + extra, torch.tensor([10.0]), context=ctx).sum().backward()
+        with trainable_weights(unet) as n:
+            assert n == len(snap)
+            before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+            unet(x + extra, torch.tensor([10.0]), context=ctx).sum().backward()
+            assert extra.grad is not None and extra.grad.abs().sum() > 0
+            assert all(p.data_ptr() == snap[name][0].data_ptr() for name, p in unet.named_parameters())  # no copy
+            assert (torch.cuda.memory_allocated() if torch.cuda.is_available() else 0) == before
+    assert_unchanged(unet, snap)
+
+
+def _train(host, kind="sd15", **overrides):
+    patcher, clip, vae = stub_models.build(kind)
+    snap = snapshot(patcher.model.diffusion_model)
+    config = node_config({**FAST, **overrides})
+    with torch.inference_mode():  # ComfyUI runs the prompt under inference mode
+        run = train_lora(patcher, clip, vae, dataset(host), config, name="style", node_id="7")
+    return patcher, run, snap
+
+
+def test_training_restores_the_host_model_and_exports_kohya_names(host):
+    patcher, run, snap = _train(host)
+    assert_unchanged(patcher.model.diffusion_model, snap)
+    assert run.steps == 3 and len(run.losses) == 3 and all(math.isfinite(v) for v in run.losses)
+    stems = {k.split(".")[0] for k in run.lora}
+    assert stems == expected(SD1_BLOCKS)
+    assert any(run.lora[f"{s}.lora_up.weight"].abs().sum() > 0 for s in stems), "adapters did not train"
+    assert run.lora.metadata["ss_base_model_version"] == "sd_v1" and run.lora.trigger_words == ["flatstyle"]
+    # the LoRA is applied to the returned clone only
+    assert set(run.model.patches) == stems and not patcher.patches and run.model.model is patcher.model
+    # the UNet was loaded for training with every other model evicted and a full load
+    models, memory, full = mm.load_calls[-1]
+    assert models == [patcher] and memory >= 1e20 and full
+    assert mm.empty_cache_calls > 0
+
+
+def test_sdxl_and_v_prediction_train(host):
+    patcher, run, snap = _train(host, "sdxl", max_train_steps=1)
+    assert_unchanged(patcher.model.diffusion_model, snap)
+    assert {k.split(".")[0] for k in run.lora} == expected(SDXL_BLOCKS)
+    patcher, run, snap = _train(host, "sd20v", max_train_steps=1)
+    assert_unchanged(patcher.model.diffusion_model, snap)
+    assert run.lora.metadata["ss_base_model_version"] == "sd_v2_v"
+    assert run.lora.metadata["modelspec.prediction_type"] == "v"
+
+
+def test_cancel_stops_within_a_step_saves_partial_and_restores(host):
+    import server
+
+    patcher, clip, vae = stub_models.build("sd15")
+    snap = snapshot(patcher.model.diffusion_model)
+    steps_seen = []
+
+    def cancel_after_two(event, data, sid=None):
+        server.PromptServer.instance.messages.append((event, data, sid))
+        if event == "loraloop.loss" and data.get("step"):
+            steps_seen.append(data["step"])
+            if data["step"] == 2:
+                mm.interrupt_current_processing(True)  # the user presses Cancel
+
+    server.PromptServer.instance.send_sync = cancel_after_two
+    with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException) as info:
+        train_lora(patcher, clip, vae, dataset(host), node_config({**FAST, "max_train_steps": 4}), name="style",
+                   node_id="7")
+    assert steps_seen == [1, 2]
+    assert isinstance(info.value.__cause__, TrainingInterrupted)
+    saved = list((host / "models" / "loras").glob("style-cancelled-step000002*.safetensors"))
+    assert len(saved) == 1
+    assert_unchanged(patcher.model.diffusion_model, snap)
+    assert not mm.processing_interrupted()
+
+
+def test_an_error_mid_training_leaves_the_host_clean(host, monkeypatch):
+    from loraloop.comfy import sink
+
+    patcher, clip, vae = stub_models.build("sd15")
+    snap = snapshot(patcher.model.diffusion_model)
+
+    def boom(self, info):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sink.ComfySink, "step", boom)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="disk full"):
+        train_lora(patcher, clip, vae, dataset(host), node_config({**FAST, "max_train_steps": 1}), name="style",
+                   node_id="7")
+    assert_unchanged(patcher.model.diffusion_model, snap)
+
+
+def test_progress_reaches_the_node(host):
+    import comfy.utils
+    import server
+
+    _train(host)
+    events = [d for e, d, _ in server.PromptServer.instance.messages if e == "loraloop.loss"]
+    assert events[0] == {"node": "7", "reset": True}
+    assert [e["step"] for e in events[1:]] == [1, 2, 3] and all(e["total"] == 3 for e in events[1:])
+    texts = [d["text"] for e, d, _ in server.PromptServer.instance.messages if e == "progress_text"]
+    assert any(t.startswith("step 3/3 · loss ") and "ETA" in t for t in texts)
+    assert [u[0] for u in comfy.utils.updates if u[3] == "7"][-1] == 3

@@ -1,0 +1,200 @@
+"""Node schemas, the entry point and the nodes end to end, against the stand-in (tests/comfy_stub)."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from comfy_stub.harness import FAST, run_node, setup_host  # noqa: I001 - puts the stub first
+
+from comfy_stub import stub_models
+from loraloop.comfy import nodes
+from loraloop.comfy.config_inputs import HOST_OWNED
+from loraloop.comfy.prompt import parse_lora_tags
+from loraloop.trainer.config import TrainConfig, field_help
+from loraloop.trainer.errors import ConfigError, DatasetError, LoraFileError
+
+ROOT = Path(__file__).resolve().parent.parent
+# Built-in node ids of ComfyUI 0.12.3 that a custom node must not reuse (hosts.md §1.1).
+CORE_IDS = {"TrainLoraNode", "LoraModelLoader", "SaveLoRA", "LossGraphNode", "LoadImageDataSetFromFolder",
+            "LoadImageTextDataSetFromFolder", "MakeTrainingDataset", "ResolutionBucket", "SaveTrainingDataset",
+            "LoadTrainingDataset", "LoraLoader", "CLIPTextEncode", "Caption", "LoadDataset", "TrainLoRA"}
+
+
+@pytest.fixture
+def host(tmp_path):
+    torch.set_flush_denormal(True)
+    yield setup_host(tmp_path)
+    torch.set_flush_denormal(False)
+
+
+def schemas():
+    return [n.GET_SCHEMA() for n in nodes.NODES]
+
+
+def test_schemas_validate_with_prefixed_ids_tooltips_and_one_category(host):
+    found = schemas()
+    assert [s.display_name for s in found] == ["LoadDataset", "Caption", "LoRATrainConfig", "TrainLoRA", "SaveLoRA",
+                                               "LoRAPrompt"]
+    for s in found:
+        assert s.node_id.startswith("LoRALoop_") and s.node_id not in CORE_IDS
+        assert s.category == "LoRA Loop" and s.description
+        for i in s.inputs:
+            if i.get_io_type() not in ("MODEL", "CLIP", "VAE", "LORALOOP_DATASET") and i.id not in ("model", "clip"):
+                assert i.tooltip, f"{s.node_id}.{i.id} has no tooltip"
+        info = s.get_v1_info()
+        assert info["output"] and info["name"] == s.node_id
+
+
+def test_config_widgets_come_from_trainconfig_metadata(host):
+    config = nodes.LoRATrainConfig.GET_SCHEMA()
+    widgets = {i.id: i for i in config.inputs}
+    for name, meta in field_help().items():
+        assert (name in widgets) != (name in HOST_OWNED), f"{name}: exactly one of widget or host-owned"
+        if name in widgets:
+            assert widgets[name].tooltip.startswith(meta["help"])
+        if meta.get("choices") and name in widgets:
+            assert {c for c in meta["choices"] if c is not None} <= set(widgets[name].options)
+    assert widgets["lora_rank"].min == 1 and widgets["lora_rank"].max == 1024 and widgets["lora_rank"].default == 8
+    assert widgets["learning_rate"].default == TrainConfig().learning_rate
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(widgets) - {"import_yaml", "export_yaml"} | set(HOST_OWNED)
+
+
+def test_entry_point_imports_without_comfyui_and_generates_v1_mappings():
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('pack', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "assert 'comfy' not in sys.modules and not hasattr(m, 'comfy_entrypoint'); "
+            "import json; print(json.dumps({k: [v.FUNCTION, v.CATEGORY, list(v.RETURN_TYPES), "
+            "sorted(v.INPUT_TYPES())] for k, v in m.NODE_CLASS_MAPPINGS.items()} | {'web': m.WEB_DIRECTORY, "
+            "'names': m.NODE_DISPLAY_NAME_MAPPINGS}))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "__init__.py")], capture_output=True, text=True,
+                         cwd="/", check=True)
+    data = json.loads(out.stdout)
+    v3 = {s.node_id: s for s in (n.define_schema() for n in nodes.NODES)}
+    assert set(data["names"]) == set(v3) and data["web"] == "./web"
+    assert (ROOT / "web" / "loraloop.js").is_file()
+    assert data["LoRALoop_TrainLoRA"][:3] == ["run", "LoRA Loop", ["LORA_MODEL", "MODEL", "CLIP", "IMAGE", "INT"]]
+    assert "hidden" in data["LoRALoop_TrainLoRA"][3] and "optional" in data["LoRALoop_SaveLoRA"][3]
+
+
+def test_entry_point_exposes_v3_inside_comfyui():
+    code = ("import importlib.util, sys; sys.path.insert(0, sys.argv[2]); "
+            "spec = importlib.util.spec_from_file_location('pack', sys.argv[1]); m = importlib.util.module_from_spec(spec); "
+            "spec.loader.exec_module(m); import asyncio; ext = asyncio.run(m.comfy_entrypoint()); "
+            "assert not hasattr(m, 'NODE_CLASS_MAPPINGS'); print(len(asyncio.run(ext.get_node_list())))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "__init__.py"), str(ROOT / "tests" / "comfy_stub")],
+                         capture_output=True, text=True, cwd="/", check=True)
+    assert out.stdout.strip() == str(len(nodes.NODES))
+
+
+def test_load_dataset_and_caption(host):
+    out = run_node(nodes.LoadDataset, folder="style", recursive=False, caption_extension=".txt")
+    dataset, summary = out.args
+    assert "images: 12 usable" in summary and "captions: 12/12" in summary and str(host) not in summary
+    out = run_node(nodes.Caption, dataset=[dataset], source=["existing"], trigger_word=["flatstyle"], prefix=[""],
+                   suffix=["simple"], find=["flat style, "], replace=[""], write_sidecars=[True],
+                   overwrite_sidecars=[False])
+    new, text = out.args
+    first = text.splitlines()[0]
+    assert first == "flatstyle, a green circle on a blue background, simple"
+    assert (host / "input" / "style" / "img_001.txt").read_text().strip() == first
+    assert new.trigger_word == "flatstyle" and new.scan().records[0].caption == first
+    with pytest.raises(ConfigError, match="already exist"):
+        run_node(nodes.Caption, dataset=[dataset], source=["none"], trigger_word=["x"], prefix=[""], suffix=[""],
+                 find=[""], replace=[""], write_sidecars=[True], overwrite_sidecars=[False])
+    with pytest.raises(ConfigError, match="has 2 strings but .* 12 images"):
+        run_node(nodes.Caption, dataset=[dataset], source=["strings"], trigger_word=[""], prefix=[""], suffix=[""],
+                 find=[""], replace=[""], write_sidecars=[False], overwrite_sidecars=[False], captions=["a", "b"])
+
+
+@pytest.mark.parametrize("folder", ["../outside", "/etc", "C:\\data", "style/../../x"])
+def test_dataset_paths_cannot_escape_the_input_folder(host, folder):
+    with pytest.raises((ConfigError, DatasetError), match="invalid dataset folder|not found"):
+        run_node(nodes.LoadDataset, folder=folder, recursive=False, caption_extension=".txt")
+
+
+def test_bad_dataset_is_a_clear_node_error(host):
+    (host / "input" / "empty").mkdir()
+    with pytest.raises(DatasetError, match="images: 0 usable"):
+        run_node(nodes.LoadDataset, folder="empty", recursive=False, caption_extension=".txt")
+
+
+def test_config_yaml_import_export(host):
+    (host / "input" / "cfg.yaml").write_text("lora_rank: 4\nnetwork_dim: 4\nlearning_rate: 0.0005\noutput_dir: /abs\n")
+    widgets = {i.id: i.default for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs if i.default is not None}
+    config, text = run_node(nodes.LoRATrainConfig, **{**widgets, "import_yaml": "cfg.yaml", "export_yaml": "mine"}).args
+    assert config.values["lora_rank"] == 4 and config.values["learning_rate"] == 0.0005
+    assert "output_dir" not in config.values and {"resolution", "mixed_precision"} <= config.auto
+    assert (host / "output" / "loraloop" / "mine.yaml").read_text() == text
+    with pytest.raises(ConfigError, match="invalid import_yaml"):
+        run_node(nodes.LoRATrainConfig, **{**widgets, "import_yaml": "../secret.yaml"})
+
+
+def test_train_save_and_prompt_end_to_end(host, caplog):
+    model, clip, vae = stub_models.build("sd15")
+    dataset = run_node(nodes.LoadDataset, folder="style", recursive=False, caption_extension=".txt",
+                       trigger_word="flatstyle").args[0]
+    widgets = {i.id: i.default for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs if i.default is not None}
+    config = run_node(nodes.LoRATrainConfig, **{**widgets, **FAST, "max_train_steps": 2}).args[0]
+    out = run_node(nodes.TrainLoRA, model=model, clip=clip, vae=vae, dataset=dataset, config=config, name="flat",
+                   save_on_cancel=True)
+    lora, model_out, clip_out, loss, steps = out.args
+    assert steps == 2 and loss.shape[0] == 1 and loss.shape[-1] == 3 and model_out is not model
+    names = [run_node(nodes.SaveLoRA, lora=lora, name="../flat style?", subfolder="").args[0] for _ in range(2)]
+    assert names == ["flat style.safetensors", "flat style_2.safetensors"]  # sanitized, unique, inside loras
+    folder = host / "models" / "loras"
+    with safe_open(str(folder / names[0]), framework="pt") as fh:
+        meta = fh.metadata()
+        assert all(k.startswith("lora_unet_") for k in fh.keys())
+    assert meta["ss_network_module"] == "networks.lora" and meta["modelspec.trigger_phrase"] == "flatstyle"
+    card = json.loads((folder / "flat style.json").read_text())
+    assert card["trigger_words"] == ["flatstyle"] and card["sd version"] == "SD1"
+    assert (folder / "flat style.preview.png").is_file()
+    import folder_paths
+
+    assert names[0] in folder_paths.get_filename_list("loras")  # LoraLoader lists it on the next queue
+    with pytest.raises(ConfigError, match="invalid LoRA subfolder"):
+        run_node(nodes.SaveLoRA, lora=lora, name="x", subfolder="../../etc")
+    cond, model2, clip2, clean = run_node(nodes.LoRAPrompt, model=model, clip=clip,
+                                          text="<lora:flat style:0.8> flatstyle, a star").args
+    assert clean == "flatstyle, a star" and cond[0][0].shape[1] == 77
+    strengths = {v[0][0] for v in model2.patches.values()}
+    assert strengths == {0.8} and not model.patches and "lora key not loaded" not in caplog.text
+    with pytest.raises(LoraFileError, match="no LoRA called 'nope'"):
+        run_node(nodes.LoRAPrompt, model=model, clip=clip, text="<lora:nope> x")
+
+
+def test_unsupported_family_is_a_clear_error(host):
+    from loraloop.trainer.errors import UnsupportedModelError
+
+    model, clip, vae = stub_models.build("flux")
+    dataset = run_node(nodes.LoadDataset, folder="style", recursive=False, caption_extension=".txt").args[0]
+    with pytest.raises(UnsupportedModelError, match="Flux.*SD 1.x"):
+        run_node(nodes.TrainLoRA, model=model, clip=clip, vae=vae, dataset=dataset, name="x", save_on_cancel=False)
+
+
+def test_dynamic_vram_patcher_is_loaded_without_full_load(host):
+    import comfy.model_management as mm
+
+    from loraloop.comfy.host import ComfyBundle
+    from loraloop.comfy.training import _load_for_training
+
+    model, clip, vae = stub_models.build("sd15", dynamic=True)
+    with torch.inference_mode(), torch.inference_mode(False):
+        _load_for_training(ComfyBundle(model, clip, vae), None, dynamic_captions=True)
+    assert mm.load_calls[-1] == ([model, clip.patcher], 1e20, False)
+
+
+@pytest.mark.parametrize(("text", "clean", "tags"), [
+    ("<lora:a> x", "x", [("a", 1.0, 1.0)]),
+    ("x, <lora:sub/b:0.5>, y", "x, y", [("sub/b", 0.5, 0.5)]),
+    ("<LORA:c:1:0.2>pic", "pic", [("c", 1.0, 0.2)]),
+])
+def test_lora_tags(text, clean, tags):
+    got_clean, got = parse_lora_tags(text)
+    assert got_clean == clean and [(t.name, t.unet, t.te) for t in got] == tags

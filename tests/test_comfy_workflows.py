@@ -1,0 +1,75 @@
+"""Every example workflow loads with no missing node and matches the node definitions (inputs, types, widgets)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from comfy_stub.harness import setup_host  # noqa: I001 - puts the stub first
+
+from loraloop.comfy import nodes
+from loraloop.comfy.paths import is_plain_relative
+
+WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "example_workflows").glob("*.json"))
+WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# The core nodes the examples use (ComfyUI 0.12.3 nodes.py): link inputs, widget count, output types.
+CORE = {"CheckpointLoaderSimple": ({}, 1, ["MODEL", "CLIP", "VAE"]),
+        "CLIPTextEncode": ({"clip": "CLIP"}, 1, ["CONDITIONING"]),
+        "EmptyLatentImage": ({}, 3, ["LATENT"]),
+        "KSampler": ({"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
+                      "latent_image": "LATENT"}, 7, ["LATENT"]),  # seed + control_after_generate + 5
+        "VAEDecode": ({"samples": "LATENT", "vae": "VAE"}, 0, ["IMAGE"]),
+        "SaveImage": ({"images": "IMAGE"}, 1, []), "PreviewImage": ({"images": "IMAGE"}, 0, [])}
+
+
+def definitions():
+    out = dict(CORE)
+    for node in nodes.NODES:
+        s = node.GET_SCHEMA()
+        links = {i.id: i.get_io_type() for i in s.inputs if i.get_io_type() not in WIDGETS or getattr(i, "force_input", None)}
+        widgets = [i for i in s.inputs if i.id not in links]
+        out[s.node_id] = (links, widgets, [o.io_type for o in s.outputs])
+    return out
+
+
+def test_three_examples_exist():
+    assert {w.stem for w in WORKFLOWS} == {"train_style_lora_and_sample", "caption_a_folder", "continue_training_a_lora"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_matches_node_definitions(tmp_path, path):
+    setup_host(tmp_path, None)
+    defs = definitions()
+    wf = json.loads(path.read_text())
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    for node in wf["nodes"]:
+        assert node["type"] in defs, f"missing node type {node['type']}"
+        links, widgets, outputs = defs[node["type"]]
+        assert [o["type"] for o in node["outputs"]] == outputs
+        assert {i["name"]: i["type"] for i in node["inputs"]}.items() <= {**links}.items() | set()
+        values = node["widgets_values"]
+        if isinstance(widgets, int):
+            assert len(values) == widgets
+            continue
+        assert len(values) == len(widgets), node["type"]
+        for widget, value in zip(widgets, values, strict=True):
+            kind = widget.get_io_type()
+            if kind == "COMBO" and widget.id != "resume_lora":
+                assert value in widget.options, (widget.id, value)
+            elif kind in ("INT", "FLOAT"):
+                assert widget.min <= value <= widget.max, (widget.id, value)
+            elif kind == "STRING" and widget.id in ("folder", "subfolder", "import_yaml"):
+                assert not value or is_plain_relative(value), f"machine path in {widget.id}: {value!r}"
+        required = [i.id for i in nodes_schema(node["type"]).inputs if not i.optional and i.id in links] \
+            if node["type"].startswith("LoRALoop_") else list(links)
+        connected = {i["name"] for i in node["inputs"] if i["link"] is not None}
+        assert set(required) <= connected, f"{node['type']}: unconnected {set(required) - connected}"
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        assert by_id[src]["outputs"][src_slot]["type"] == kind
+        assert by_id[dst]["inputs"][dst_slot]["type"] == kind and by_id[dst]["inputs"][dst_slot]["link"] == link_id
+    text = path.read_text()
+    assert "/home/" not in text and "/tmp/" not in text and ":\\\\" not in text
+
+
+def nodes_schema(node_id):
+    return next(n.GET_SCHEMA() for n in nodes.NODES if n.GET_SCHEMA().node_id == node_id)
