@@ -15,7 +15,7 @@ import yaml
 from .batches import BatchMaker, dataset_options
 from .bundle import ModelBundle
 from .config import TrainConfig
-from .data import LatentCache, TrainDataset, tag_frequency
+from .data import LatentCache, TrainDataset, format_bucket_table, tag_frequency
 from .errors import TrainingInterrupted
 from .lorafile import atomic_write, load_lora, save_lora
 from .loop import TrainResult, make_schedule, network_spec, train
@@ -161,7 +161,8 @@ def run(config: TrainConfig, sink: ProgressSink | None = None, *, bundle: ModelB
         msg = f"{final} already exists; choose another output_name or pass --overwrite"
         raise LoraFileError(msg, path=final)
     dataset = TrainDataset.from_options(dataset_options(config), seed=config.seed)
-    sink.status(f"{len(dataset.records)} images, {len(dataset)} samples per epoch")
+    sink.status(f"{len(dataset.records)} images, {len(dataset)} samples per epoch; buckets:\n"
+                + format_bucket_table(dataset.bucket_counts()))
     if bundle is None:
         sink.status(f"loading {config.base_model}")
         bundle = load_bundle(config)
