@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from loraloop.demo import DEMO_DIR
 from loraloop.trainer.batches import dataset_options
@@ -94,6 +95,9 @@ def measure(full: bool, steps: int, rounds: int) -> None:
     res = 256 if full else 64
     tmp = Path(tempfile.mkdtemp())
     shutil.copytree(DEMO_DIR / "dataset", tmp / "data")
+    for image in (tmp / "data").glob("*.png"):  # the demo images are 64 px: enlarge them to the bench resolution
+        with Image.open(image) as im:
+            im.resize((im.width * res // 64, im.height * res // 64), Image.Resampling.NEAREST).save(image)
     config = TrainConfig(train_data_dir=str(tmp / "data"), resolution=res, min_bucket_reso=res, max_bucket_reso=res,
                          bucket_reso_steps=res // 4, enable_bucket=False, batch_size=1, lora_rank=8,
                          max_train_steps=steps, lr_scheduler="constant", max_grad_norm=None,

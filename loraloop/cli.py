@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show the effective config with defaults and where each value came from")
     p.add_argument("--explain", dest="file", required=True, help="YAML config file")
     p.set_defaults(func=cmd_config)
+
+    from .trainer.memory.cli import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 

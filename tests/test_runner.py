@@ -105,3 +105,24 @@ def test_nan_tensors_are_never_written(tmp_path):
         save_lora(tmp_path / "x.safetensors", {"bad": torch.tensor([1.0, float("nan")])}, {})
     assert not any(tmp_path.iterdir())
 
+
+
+def test_a_run_that_cannot_fit_stops_before_loading_with_advice(demo_dataset, tmp_path):
+    """With a memory budget the planner runs first: too little memory is a clear error, not a CUDA OOM later."""
+    from loraloop.trainer.errors import ConfigError
+
+    config = config_for(demo_dataset, base_model=str(tmp_path / "never-loaded.safetensors"), family="sdxl",
+                        vram_budget_gb=2.0, resolution=1024, min_bucket_reso=32, max_bucket_reso=2048,
+                        bucket_reso_steps=32, output_dir=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="does not fit in the free accelerator memory.*needs"):
+        run(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_keys_in_yaml(tmp_path):
+    from loraloop.trainer.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lora_rank: auto\ngradient_checkpointing: true\n")
+    config = load_config(path)
+    assert "lora_rank" in config.auto and "gradient_checkpointing" not in config.auto

@@ -72,6 +72,7 @@ class BatchMaker:
         self.batches_per_epoch = len(dataset.epoch_batches(0, self.batch_size))
         self._order: tuple[int, list[list[int]]] | None = None
         self._text: dict[str, Conditioning] = {}
+        self._latents: dict[int, object] = {}  # index → CachedLatent: skip re-hashing keys on every step
         if cache_text:
             self._cache_text()
 
@@ -103,7 +104,9 @@ class BatchMaker:
         for index in indices:
             rng = self.dataset.sample_rng(epoch, index)
             if self.latent_cache is not None:
-                cached = self.latent_cache.get(self.dataset, index)
+                cached = self._latents.get(index)
+                if cached is None:
+                    cached = self._latents[index] = self.latent_cache.get(self.dataset, index)
                 latent, _ = cached.select(rng)  # same rng draws as load_sample: flip, then caption
                 latents.append(latent)
                 sizes.append(cached.size)

@@ -121,6 +121,16 @@ class TrainConfig:
     sample_cfg: float = _f(7.0, "Classifier-free guidance scale of sample images.", min=0.0, max=50.0,
                            group="output")
     logging_dir: str | None = _f(None, "TensorBoard log folder (needs tensorboard installed).", group="output")
+    # memory planning
+    auto: list[str] = _f(list(("batch_size", "accumulation_steps", "gradient_checkpointing", "cache_latents",
+                               "cache_text_encoder_outputs")),
+                         "Settings the memory planner may choose so the run fits the free VRAM. Writing `key: auto` "
+                         "adds a key; giving a key a value takes it out. The default changes only how the work is "
+                         "done, not what is learned (micro-batch chunks keep batch x accumulation).", group="memory")
+    vram_budget_gb: float | None = _f(None, "Plan for this much free accelerator memory instead of measuring it.",
+                                      min=0.5, max=1024.0, group="memory")
+    memory_margin: float = _f(0.1, "Share of the free memory the planner keeps in reserve.", min=0.0, max=0.5,
+                              group="memory")
 
     # -- derived values -----------------------------------------------------------------------------------------
     @property
@@ -141,6 +151,11 @@ class TrainConfig:
         if self.min_bucket_reso > self.max_bucket_reso:
             _fail("min_bucket_reso", self.min_bucket_reso,
                   f"`min_bucket_reso` ({self.min_bucket_reso}) must not exceed `max_bucket_reso` ({self.max_bucket_reso})")
+        from .memory.planner import PLANNABLE
+
+        unknown = [k for k in self.auto if k not in PLANNABLE]
+        if unknown:
+            _fail("auto", unknown, f"`auto` may only hold {list(PLANNABLE)} (got {unknown})", PLANNABLE)
         if self.random_crop and self.cache_latents:
             _fail("random_crop", True, "`random_crop` cannot be combined with `cache_latents` (a cached latent has one "
                   "fixed crop); set cache_latents: false or random_crop: false")
@@ -226,9 +241,12 @@ def from_mapping(values: dict[str, Any], source: str = "config", base: TrainConf
 
     `sources`, when given, is filled with key → where its value came from (for `config --explain`).
     """
+    from .memory.planner import PLANNABLE
+
     types = _field_types()
     updates: dict[str, Any] = {}
     ignored = []
+    auto = list((base or TrainConfig()).auto)
     for raw_key, value in values.items():
         key = raw_key.strip().replace("-", "_")
         if key not in types and key in ALIASES:
@@ -236,6 +254,17 @@ def from_mapping(values: dict[str, Any], source: str = "config", base: TrainConf
                 ignored.append(raw_key)
                 continue
             key = ALIASES[key]  # type: ignore[assignment]
+        is_auto = isinstance(value, str) and value.strip().lower() == "auto"
+        if is_auto and key not in PLANNABLE and key in types:
+            _fail(raw_key, value, f"`{raw_key}` in {source} cannot be auto; `auto` is allowed for "
+                  f"{', '.join(PLANNABLE)}", PLANNABLE)
+        if key in PLANNABLE and is_auto:
+            auto = [*auto, key] if key not in auto else auto  # `key: auto` hands the key to the planner
+            if sources is not None:
+                sources[key] = f"{source} (auto)"
+            continue
+        if key in PLANNABLE and key != "auto":
+            auto = [k for k in auto if k != key]  # an explicit value is the user's decision
         if key not in types:
             near = difflib.get_close_matches(key, list(types) + list(ALIASES), n=1, cutoff=0.6)
             hint = f"; did you mean `{near[0]}`?" if near else "; run `loraloop config --explain` to list the keys"
@@ -245,6 +274,8 @@ def from_mapping(values: dict[str, Any], source: str = "config", base: TrainConf
             sources[key] = source
     if ignored:
         log.warning("%s: these keys are not used by LoRA Loop and were ignored: %s", source, ", ".join(sorted(ignored)))
+    if "auto" not in updates:
+        updates["auto"] = auto
     return replace(base or TrainConfig(), **updates)
 
 

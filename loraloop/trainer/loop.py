@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,8 +23,8 @@ from .metadata import RunInfo, build_metadata
 from .network import Network, NetworkSpec
 from .optim import build_optimizer
 from .progress import NullSink, ProgressSink, StepInfo
+from .memory.recovery import OomRecovery
 from .schedule import lr_factor
-
 from .state import TrainState
 
 if TYPE_CHECKING:
@@ -111,7 +111,8 @@ def _tensorboard(config: TrainConfig):  # noqa: ANN202 - SummaryWriter or None
 def train(bundle: ModelBundle, batches: BatchMaker, config: TrainConfig, sink: ProgressSink | None = None, *,
           spec: NetworkSpec | None = None, initial_lora: dict[str, torch.Tensor] | None = None,
           resume: TrainState | None = None, run: RunInfo | None = None,
-          on_step_end: Callable[[int, Network], None] | None = None) -> TrainResult:
+          on_step_end: Callable[[int, Network], None] | None = None,
+          recovery: OomRecovery | None = None) -> TrainResult:
     """Train a LoRA on `bundle` with the micro-batches `batches` makes; the bundle is restored when this returns/raises.
 
     Raises:
@@ -121,6 +122,8 @@ def train(bundle: ModelBundle, batches: BatchMaker, config: TrainConfig, sink: P
     sink = sink or NullSink()
     spec = spec or network_spec(config)
     run = run or RunInfo(model_name=bundle.name)
+    recovery = recovery or OomRecovery(bundle, batches, config, run=run)  # OOM/spill → next rung, same step again
+    step_fn, on_step_end = recovery.wrap(_optimizer_step), recovery.wrap_callback(on_step_end)
     schedule = make_schedule(config, batches.batches_per_epoch)
     settings = LossSettings(config.min_snr_gamma, config.noise_offset)
     torch.manual_seed(config.seed)  # peft's adapter init draws from the global RNG
@@ -145,12 +148,11 @@ def train(bundle: ModelBundle, batches: BatchMaker, config: TrainConfig, sink: P
         tick = time.perf_counter()
         step = start
         try:
-            with gradient_checkpointing(bundle.unet, config.gradient_checkpointing):
+            with gradient_checkpointing(bundle.unet, config.gradient_checkpointing), recovery:
                 for step in range(start, schedule.total_steps):
                     if sink.should_stop():
                         raise TrainingInterrupted(f"cancelled after {step} steps", step=step)
-                    loss = _optimizer_step(bundle, batches, schedule, step, config, settings, optimizer, scaler,
-                                           params)
+                    loss = step_fn(bundle, batches, schedule, step, config, settings, optimizer, scaler, params)
                     if not math.isfinite(loss):
                         msg = (f"the loss became {loss} at step {step + 1}; nothing was saved. Lower learning_rate "
                                f"(now {config.learning_rate:g}), use mixed_precision bf16 instead of fp16, or enable "
@@ -176,6 +178,9 @@ def train(bundle: ModelBundle, batches: BatchMaker, config: TrainConfig, sink: P
         finally:
             if writer is not None:
                 writer.close()
+        if recovery.lowered_rank:  # the OOM ladder lowered it: ss_network_dim must say so
+            spec = replace(spec, rank=recovery.lowered_rank)
+        optimizer = recovery.optimizer or optimizer  # … or switched to the 8-bit optimizer
         result = _result(network, config, spec, run, losses, step, schedule)
         result.train_state = TrainState.capture(network, optimizer, scheduler, scaler, step, losses, config)
     return result

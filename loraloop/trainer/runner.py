@@ -147,6 +147,34 @@ class _PeriodicSaver:
                 self.saved.pop(0).unlink(missing_ok=True)
 
 
+def plan_memory(config: TrainConfig, dataset: TrainDataset, bundle: ModelBundle | None,
+                sink: ProgressSink):  # noqa: ANN201 - memory.planner.Plan | None
+    """The memory plan for an accelerator run (or for `vram_budget_gb`); None on a CPU without a budget.
+
+    Raises ConfigError with what would fit when nothing does: the user sees it before training, never a CUDA OOM.
+    """
+    if not (torch.cuda.is_available() or config.vram_budget_gb):
+        return None
+    from .errors import ConfigError
+    from .memory.autoplan import plan_for_config
+    from .memory.devices import GIB
+
+    free = int(config.vram_budget_gb * GIB) if config.vram_budget_gb else None
+    try:
+        plan = plan_for_config(config, bundle=bundle, dataset=dataset, free=free, auto=set(config.auto),
+                               margin=config.memory_margin)
+    except ConfigError as err:
+        if config.base_model.startswith("builtin:"):  # the tiny test models have no memory profile worth planning
+            log.info("no memory plan: %s", err)
+            return None
+        raise
+    sink.status("memory plan:\n" + "\n".join(plan.lines()))
+    if not plan.fits:
+        msg = f"this run does not fit in the free accelerator memory. {plan.advice}"
+        raise ConfigError(msg, key="auto", value=config.auto)
+    return plan
+
+
 def run(config: TrainConfig, sink: ProgressSink | None = None, *, bundle: ModelBundle | None = None,
         resume_state: Path | None = None, samples: bool = True) -> RunOutputs:
     """Train as `config` says and write the outputs into `config.output_dir`."""
@@ -163,6 +191,9 @@ def run(config: TrainConfig, sink: ProgressSink | None = None, *, bundle: ModelB
     dataset = TrainDataset.from_options(dataset_options(config), seed=config.seed)
     sink.status(f"{len(dataset.records)} images, {len(dataset)} samples per epoch; buckets:\n"
                 + format_bucket_table(dataset.bucket_counts()))
+    plan = plan_memory(config, dataset, bundle, sink)
+    if plan is not None:
+        config = plan.apply(config)
     if bundle is None:
         sink.status(f"loading {config.base_model}")
         bundle = load_bundle(config)
@@ -172,6 +203,8 @@ def run(config: TrainConfig, sink: ProgressSink | None = None, *, bundle: ModelB
         state = TrainState.load(resume_state)
         state.check_compatible(config, resume_state)
     batches = prepare_batches(bundle, dataset, config, sink, cache_dir=folder / ".latent_cache")
+    if plan is not None:
+        batches.chunk_size = plan.chunk_size
     before = sample_grid(bundle, config.sample_prompts, config, None, None) if samples and config.sample_prompts else None
     run_info = RunInfo(model_name=bundle.name, num_images=len(dataset.records),
                        tag_frequency=tag_frequency(dataset.records), dataset_dirs=dataset.scan.dataset_dirs(),

@@ -1,0 +1,126 @@
+"""The planner on a table of (free memory, family, dataset, effective batch) cases with the expected decisions."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraloop.trainer.config import TrainConfig
+from loraloop.trainer.memory.devices import DEVICES, GIB, with_memory
+from loraloop.trainer.memory.estimate import ModelInfo
+from loraloop.trainer.memory.planner import PLANNABLE, DatasetFacts, PlanRequest, divisors, make_plan
+
+ALL = frozenset(PLANNABLE)
+
+
+@pytest.fixture(scope="module")
+def infos():
+    return {f: ModelInfo.for_family(f) for f in ("sd1", "sdxl")}
+
+
+def plan(infos, family, resolution, gb, *, batch=1, accumulation=1, rank=8, auto=ALL, facts=None, resident=False,
+         **config):
+    cfg = TrainConfig(family=family, resolution=resolution, batch_size=batch, accumulation_steps=accumulation,
+                      lora_rank=rank, **config)
+    request = PlanRequest(infos[family], with_memory(DEVICES["rtx 3090"], gb), int(gb * GIB), frozenset(auto),
+                          facts or DatasetFacts(), weights_resident=resident)
+    return make_plan(cfg, request)
+
+
+# (family, resolution, effective batch, rank, GB free) → (batch, accumulation, chunk, checkpointing, resolution, rank)
+TABLE = [
+    ("sd1", 512, 1, 8, 4, (1, 1, None, False, 512, 8)),  # issue target: SD1.5 512 fits 4 GB
+    ("sd1", 512, 4, 8, 4, (4, 1, None, True, 512, 8)),  # checkpointing beats 4 chunks of 1
+    ("sd1", 512, 4, 8, 6, (4, 1, 2, False, 512, 8)),  # 2 chunks of 2 without recompute is fastest
+    ("sd1", 512, 4, 8, 8, (4, 1, None, False, 512, 8)),  # all fits
+    ("sd1", 768, 4, 8, 6, (4, 1, 1, False, 768, 8)),
+    ("sdxl", 1024, 1, 16, 8, (1, 1, None, True, 1024, 16)),  # issue target: SDXL 1024 fits 8 GB
+    ("sdxl", 1024, 4, 16, 8, (4, 1, 2, True, 1024, 16)),
+    ("sdxl", 1024, 4, 16, 16, (4, 1, 1, False, 1024, 16)),
+    ("sdxl", 1024, 1, 16, 6, (1, 1, None, True, 640, 4)),  # rank↓ last, then the highest resolution that fits
+]
+
+
+class TestDecisionTable:
+    @pytest.mark.parametrize(("family", "resolution", "effective", "rank", "gb", "expected"), TABLE)
+    def test_case(self, infos, family, resolution, effective, rank, gb, expected):
+        p = plan(infos, family, resolution, gb, batch=effective, rank=rank)
+        s = p.shape
+        assert p.fits and p.memory.peak <= p.budget_bytes
+        assert (s.batch_size, s.accumulation_steps, p.chunk_size, s.gradient_checkpointing, p.resolution,
+                s.lora_rank) == expected
+        assert s.batch_size * s.accumulation_steps == effective
+        assert s.mixed_precision == "bf16"  # a 3090 has bf16; half precision halves weights and is faster
+
+    def test_every_change_has_a_reason_with_numbers(self, infos):
+        p = plan(infos, "sdxl", 1024, 8)
+        keys = {c.key for c in p.changes}
+        assert keys == {"gradient_checkpointing", "mixed_precision"}
+        reason = next(c.reason for c in p.changes if c.key == "gradient_checkpointing")
+        assert "with gradient_checkpointing=False the peak would be" in reason and "GB usable" in reason
+
+
+class TestConstraints:
+    def test_effective_batch_is_kept_when_batch_is_auto(self, infos):
+        """E = 6 on a tight card: batch × accumulation is still 6."""
+        p = plan(infos, "sdxl", 1024, 10, batch=3, accumulation=2)
+        assert p.fits and p.shape.effective_batch == 6
+
+    def test_fixed_keys_are_respected(self, infos):
+        """Nothing auto: the plan is the user's config, and it says it does not fit."""
+        p = plan(infos, "sdxl", 1024, 8, auto=frozenset())
+        assert not p.fits and p.changes == ()
+        assert "nothing fits" in p.advice and "allow auto for" in p.advice
+
+    def test_fixed_batch_uses_chunks_not_accumulation(self, infos):
+        """With batch_size fixed, the plan keeps the batch (data order) and splits it into chunks."""
+        p = plan(infos, "sd1", 512, 6, batch=4, auto=ALL - {"batch_size", "accumulation_steps"})
+        assert (p.shape.batch_size, p.shape.accumulation_steps, p.chunk_size) == (4, 1, 2)
+
+    def test_nothing_fits_gives_advice_with_numbers(self, infos):
+        p = plan(infos, "sdxl", 1024, 4)
+        assert not p.fits
+        assert p.advice.startswith("nothing fits: the leanest plan needs")
+
+    def test_host_resident_weights_are_not_counted(self, infos):
+        """Inside a host the model already sits on the GPU: 2.5 GB free beside it is enough for SDXL with GC."""
+        p = plan(infos, "sdxl", 1024, 2.5, resident=True)
+        assert p.fits and p.shape.gradient_checkpointing and p.memory.parts["weights_unet"] == 0
+
+    def test_dataset_buckets_drive_the_peak(self, infos):
+        """A dataset whose largest bucket is smaller than the square needs less memory."""
+        square = plan(infos, "sd1", 512, 24, batch=4)
+        small = plan(infos, "sd1", 512, 24, batch=4, facts=DatasetFacts(max_bucket=(384, 448), mean_area=384 * 448))
+        assert small.memory.peak < square.memory.peak
+        assert small.time.seconds_per_step < square.time.seconds_per_step
+
+    def test_text_encoder_training_keeps_encoders_resident(self, infos):
+        p = plan(infos, "sd1", 512, 8, train_text_encoder=True)
+        assert p.fits and not p.shape.cache_text and p.memory.parts["weights_text_encoders"] > 0
+
+    def test_apply_sets_the_config(self, infos):
+        p = plan(infos, "sdxl", 1024, 6)
+        config = p.apply(TrainConfig(family="sdxl", resolution=1024, lora_rank=8))
+        assert (config.resolution, config.lora_rank, config.gradient_checkpointing, config.mixed_precision) == \
+            (p.resolution, p.shape.lora_rank, True, "bf16")
+
+    def test_plan_reports_eta_and_json(self, infos):
+        p = plan(infos, "sd1", 512, 8)
+        from dataclasses import replace
+
+        p = replace(p, total_steps=1000)
+        assert p.eta_seconds == pytest.approx(1000 * p.time.seconds_per_step)
+        data = p.to_dict()
+        assert data["fits"] and data["settings"]["mixed_precision"] == "bf16" and data["total_steps"] == 1000
+        assert any(line.startswith("total:") for line in p.lines())
+
+
+def test_divisors():
+    assert divisors(12) == [12, 6, 4, 3, 2, 1]
+
+
+def test_fit_advice_names_settings_and_memory():
+    """The give-up message's "what would fit" line, from a plan with every key auto."""
+    from loraloop.trainer.memory.autoplan import fit_advice
+
+    text = fit_advice(TrainConfig(family="sdxl", base_model="model.safetensors", resolution=1024), free=8 * GIB)
+    assert "resolution" in text and "GB" in text
