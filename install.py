@@ -27,8 +27,21 @@ def missing() -> list[str]:
     return out
 
 
+def _old_transformers() -> bool:
+    """A1111 1.10 pins transformers 4.30: peft ≥ 0.14 cannot import there (no `transformers.Cache`)."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = (int(x) for x in version("transformers").split(".")[:2])
+    except Exception:  # noqa: BLE001 - not installed or an odd version string: no special case
+        return False
+    return (major, minor) < (4, 36)
+
+
 def main() -> None:
     todo = missing()
+    if _old_transformers():
+        todo = ["peft==0.13.2" if req.startswith("peft") else req for req in todo]
     if not todo:
         return
     try:  # inside A1111/Forge: their pip wrapper respects --skip-install and their index settings

@@ -12,7 +12,6 @@ Foreign keys we do not use are collected and reported in ONE warning, never sile
 from __future__ import annotations
 
 import logging
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,14 @@ _DIRECT = {  # sd-scripts key → our key, value kept
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10 (A1111's): the same parser is on PyPI as tomli
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError as err:
+            msg = f"reading {path} needs Python 3.11+ or the package tomli (pip install tomli)"
+            raise ConfigError(msg, key="config", value=str(path)) from err
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:

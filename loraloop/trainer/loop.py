@@ -97,6 +97,13 @@ def _autocast(bundle: ModelBundle, config: TrainConfig) -> contextlib.AbstractCo
     return torch.autocast(bundle.device.type, dtype=AUTOCAST_DTYPES[config.mixed_precision])
 
 
+def _grad_scaler(device_type: str, enabled: bool):  # noqa: ANN202 - a GradScaler
+    """torch.amp.GradScaler (torch ≥ 2.3), or the CUDA one of older torch (A1111 ships torch 2.1)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device_type == "cuda")
+
+
 def _tensorboard(config: TrainConfig):  # noqa: ANN202 - SummaryWriter or None
     if not config.logging_dir:
         return None
@@ -135,7 +142,7 @@ def train(bundle: ModelBundle, batches: BatchMaker, config: TrainConfig, sink: P
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
             s, scheduler=config.lr_scheduler, warmup_steps=config.lr_warmup_steps, total_steps=schedule.total_steps,
             num_cycles=config.lr_num_cycles))
-        scaler = torch.amp.GradScaler(bundle.device.type, enabled=config.mixed_precision == "fp16")
+        scaler = _grad_scaler(bundle.device.type, config.mixed_precision == "fp16")
         losses: list[float] = []
         start = 0
         if resume is not None:

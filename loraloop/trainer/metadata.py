@@ -29,6 +29,17 @@ class RunInfo:
     changes: list[str] = field(default_factory=list)  # automatic adjustments made during the run (OOM ladder …)
 
 
+# Config values that are paths on the trainer's machine: a shared LoRA keeps only their last part.
+_PATH_KEYS = ("base_model", "train_data_dir", "metadata_path", "output_dir", "logging_dir", "resume_lora")
+
+
+def shareable_config(config: dict) -> dict:
+    """The config without the machine's folder structure (user names, drive layouts)."""
+    from pathlib import PurePath
+
+    return {k: (PurePath(v).name if k in _PATH_KEYS and isinstance(v, str) and v else v) for k, v in config.items()}
+
+
 def _s(value: object) -> str:
     return "None" if value is None else str(value)
 
@@ -93,7 +104,7 @@ def build_metadata(*, family: Family, spec: NetworkSpec, run: RunInfo, config: d
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.date": datetime.fromtimestamp(finished, tz=timezone.utc).isoformat(timespec="seconds"),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
-        "loraloop_config": json.dumps(config, default=str, sort_keys=True),
+        "loraloop_config": json.dumps(shareable_config(config), default=str, sort_keys=True),
         "loraloop_changes": json.dumps(run.changes),
     }
     if trigger_words:

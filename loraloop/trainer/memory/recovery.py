@@ -40,6 +40,9 @@ from .levers import (
 )
 from .spill import SpillEvent, SpillGuard, cuda_memory_fill
 
+# torch < 2.5 (A1111 ships 2.1) has only the CUDA spelling.
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 log = logging.getLogger(__name__)
 
 LADDER = ("chunk", "gradient_checkpointing", "cache", "optimizer", "bucket", "rank")
@@ -77,7 +80,7 @@ class Adjustment:
 
 def is_out_of_memory(error: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the RuntimeErrors other allocators raise (CPU, MPS)."""
-    if isinstance(error, torch.OutOfMemoryError):
+    if isinstance(error, OUT_OF_MEMORY):
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
@@ -273,7 +276,7 @@ class OomRecovery:
                 start = time.perf_counter()
                 try:
                     loss = step_fn(bundle, batches, schedule, step, config, settings, current, scaler, params)
-                except (torch.OutOfMemoryError, RuntimeError) as error:
+                except (OUT_OF_MEMORY, RuntimeError) as error:
                     if not is_out_of_memory(error):
                         raise
                     cause = f"out of memory ({_short(error)})"
@@ -297,7 +300,7 @@ class OomRecovery:
             try:
                 fn(step, network)
                 return
-            except (torch.OutOfMemoryError, RuntimeError) as error:
+            except (OUT_OF_MEMORY, RuntimeError) as error:
                 if not is_out_of_memory(error):
                     raise
                 text = f"step {step}: out of memory while saving/sampling ({_short(error)}); skipped, training goes on"

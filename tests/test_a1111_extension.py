@@ -1,0 +1,211 @@
+"""The repository as a webui extension: the script registers the tab and the API, nothing webui-specific leaks into
+the package import (the ComfyUI pack and the CLI share it), metadata.ini, the JavaScript, the HTTP API, the Gradio tab.
+"""
+
+import configparser
+import importlib.util
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import types
+from pathlib import Path
+
+import pytest
+from a1111_stub import models
+from a1111_stub.fixtures import webui_fixture  # noqa: F401 - the `webui` fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(path: Path):
+    """What modules/script_loading.load_module does, with the extension folder first on sys.path (scripts.py)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT))
+    return module
+
+
+def test_script_registers_the_tab_and_the_api(webui):
+    from loraloop.a1111 import entry
+
+    load_script(ROOT / "scripts" / "loraloop_tab.py")
+    callbacks = webui.script_callbacks
+    assert callbacks.callbacks_ui_tabs == [entry.on_ui_tabs]
+    assert callbacks.callbacks_app_started == [entry.on_app_started]
+
+
+def test_extension_files():
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / "metadata.ini")
+    assert ini.get("Extension", "Name") == "loraloop"
+    js = (ROOT / "javascript" / "loraloop.js").read_text(encoding="utf-8")
+    globals_ = re.findall(r"^(?:function|var|let|const)\s+([A-Za-z_$][\w$]*)", js, flags=re.M)
+    assert globals_ and all(name.startswith("loraloop_") for name in globals_), globals_
+    assert "loraloop_start_training" in globals_ and "requestProgress(" in js and "onUiLoaded(" in js
+    css = (ROOT / "style.css").read_text(encoding="utf-8")
+    assert "#loraloop_refresh_live" in css
+
+
+def test_package_import_touches_no_webui_and_the_comfy_pack_ignores_it():
+    code = textwrap.dedent(f"""
+        import importlib, importlib.util, sys
+        for name in ("entry", "webui", "bundle", "job", "form", "actions", "api", "ui", "sink", "captions", "plan",
+                     "forge", "outputs"):
+            importlib.import_module("loraloop.a1111." + name)
+        leaked = sorted({{m.split(".")[0] for m in sys.modules}} & {{"modules", "networks", "gradio", "fastapi"}})
+        assert not leaked, leaked
+        for name in [m for m in sys.modules if m.startswith("loraloop")]:
+            del sys.modules[name]
+        spec = importlib.util.spec_from_file_location("loraloop_pack", {str(ROOT / "__init__.py")!r})
+        pack = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(pack)
+        assert hasattr(pack, "NODE_CLASS_MAPPINGS") or hasattr(pack, "comfy_entrypoint")
+        assert not [m for m in sys.modules if m.startswith("loraloop.a1111")]
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_api_payloads_and_credentials():
+    from loraloop.a1111 import api
+
+    assert api.payload_values({"config": {"lora_rank": 4}, "preferred_weight": 1.0}) == {"lora_rank": 4,
+                                                                                         "preferred_weight": 1.0}
+    assert api.payload_values({"lora_rank": 4}) == {"lora_rank": 4}
+    assert api.credentials_ok(None, None, None)
+    assert api.credentials_ok("me:secret,you:pw", "you", "pw")
+    assert not api.credentials_ok("me:secret", "me", "wrong")
+    assert not api.credentials_ok("me:secret", None, None)
+
+
+class RecordingLock:
+    def __init__(self, events):
+        self.lock, self.events = threading.RLock(), events
+
+    def __enter__(self):
+        self.lock.acquire()
+        self.events.append("lock")
+
+    def __exit__(self, *exc):
+        self.events.append("unlock")
+        self.lock.release()
+
+
+def test_api_train_runs_in_the_webui_queue(webui, tmp_path):
+    from loraloop.a1111 import api
+    from loraloop.a1111 import job as job_module
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a blue square {i}", encoding="utf-8")
+    model = webui.load(models.build_sd("sd1"))
+    events = []
+    webui.call_queue.queue_lock = RecordingLock(events)
+    real = job_module.run_training
+
+    def spy(values):
+        events.append(f"train(job={webui.shared.state.job!r})")
+        return real(values)
+
+    job_module.run_training, restore = spy, real
+    try:
+        out = api.train({"config": {"train_data_dir": str(folder), "resolution": 64, "min_bucket_reso": 32,
+                                    "bucket_reso_steps": 32, "max_train_steps": 1, "lora_rank": 2,
+                                    "output_name": "api run", "gradient_checkpointing": False},
+                         "preferred_weight": 1.0, "make_preview": False})
+    finally:
+        job_module.run_training = restore
+    assert events == ["lock", "train(job='loraloop-train')", "unlock"]
+    assert out["name"] == "api run" and out["steps"] == 1 and out["prompt"] == "<lora:api run:1>"
+    assert Path(out["lora"]).parent == webui.lora_dir and Path(out["card"]).is_file()
+    assert webui.shared.state.job == "" and webui.shared.state.job_count == 0
+    assert api.status()["running"] is False
+    assert model is webui.shared.sd_model
+    check = api.check_dataset({"config": {"train_data_dir": str(folder), "resolution": 64, "min_bucket_reso": 32,
+                                          "bucket_reso_steps": 32}})
+    assert check["will_fail"] is False and "2 usable" in check["report"]
+
+
+def test_api_routes(webui):
+    pytest.importorskip("fastapi")
+    from loraloop.a1111 import api
+
+    class App:
+        def __init__(self):
+            self.routes = {}
+
+        def add_api_route(self, path, endpoint, methods):
+            self.routes[path] = (endpoint, methods)
+
+    webui.shared.cmd_opts.api = False
+    assert api.register(App()) is False  # the webui serves no API: nothing is added
+    webui.shared.cmd_opts.api = True
+    app = App()
+    assert api.register(app) is True
+    assert {p: m for p, (_, m) in app.routes.items()} == {"/loraloop/v1/train": ["POST"],
+                                                          "/loraloop/v1/check-dataset": ["POST"],
+                                                          "/loraloop/v1/status": ["GET"]}
+    from fastapi import HTTPException
+
+    endpoint = app.routes["/loraloop/v1/train"][0]
+    with pytest.raises(HTTPException) as err:  # no model loaded: a LoRA Loop error becomes HTTP 422
+        endpoint({"config": {}}, None)
+    assert err.value.status_code == 422 and "no model is loaded" in err.value.detail["error"]
+
+
+def test_forge_is_detected_and_training_disabled(webui, monkeypatch):
+    from loraloop.a1111 import actions, forge
+
+    monkeypatch.setitem(sys.modules, "modules_forge", types.ModuleType("modules_forge"))
+    assert forge.detected()
+    assert "Forge detected" in actions.model_info()
+
+
+def test_the_gradio_tab(webui, monkeypatch):
+    """Built with the installed Gradio (the webui's 3.41 or Forge's 4.x); skipped when Gradio is not installed."""
+    gr = pytest.importorskip("gradio")
+    from loraloop.a1111 import entry, form
+
+    webui.load(models.build_sd("sd1"))
+    ((blocks, title, elem_id),) = entry.on_ui_tabs()
+    assert (title, elem_id) == ("LoRA Loop", "loraloop") and isinstance(blocks, gr.Blocks)
+    widgets = blocks.loraloop_widgets
+    fields = form.form_fields()
+    assert list(widgets) == list(form.DATASET_FIELDS) + [
+        f.name for g in form.groups(fields) for f in fields if f.group == g and f.name not in form.DATASET_FIELDS]
+    assert {w.label for w in widgets.values()} == {f.name for f in fields}
+    config = blocks.get_config_file() if hasattr(blocks, "get_config_file") else blocks.config
+    hints = [c for c in config["components"] if "loraloop_hints" in str(c.get("props", {}).get("value", ""))]
+    assert hints and "Adapter rank" in str(hints[0]["props"]["value"])
+    js = [d.get("js") for d in config["dependencies"]]
+    assert "loraloop_start_training" in js
+    assert any(getattr(fn, "__self__", None) is not None and fn.__name__ == "train" for fn in webui.call_queue.wrapped)
+    monkeypatch.setitem(sys.modules, "modules_forge", types.ModuleType("modules_forge"))
+    ((forge_blocks, _, _),) = entry.on_ui_tabs()
+    config = forge_blocks.get_config_file() if hasattr(forge_blocks, "get_config_file") else forge_blocks.config
+    train = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "loraloop_train")
+    assert train["props"]["interactive"] is False and "not supported" in str(train["props"]["value"])
+
+
+def test_cancel_only_interrupts_a_training_run(webui):
+    from loraloop.a1111.actions import TabActions
+    from loraloop.a1111.sink import LIVE
+
+    LIVE.finish("done")
+    assert TabActions.cancel() == "No training is running." and webui.shared.state.interrupted is False
+    LIVE.start("x")
+    try:
+        assert "Cancelling" in TabActions.cancel() and webui.shared.state.interrupted is True
+    finally:
+        LIVE.finish("done")

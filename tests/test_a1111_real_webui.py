@@ -1,0 +1,196 @@
+"""Opt-in: LoRA Loop inside a real AUTOMATIC1111 webui, driven over HTTP. Not run in CI.
+
+    A1111_DIR=/path/to/stable-diffusion-webui pytest -m a1111 tests/test_a1111_real_webui.py
+
+What it does: writes a random-weight, full-size SD1.5 checkpoint, starts the webui on CPU
+(`--use-cpu all --no-half --skip-torch-cuda-test --api`, offline) with this repository as its only added extension
+(symlinked into a temporary --data-dir), checks that the "LoRA Loop" tab was built, renders a base image with
+/sdapi/v1/txt2img, trains a few steps with POST /loraloop/v1/train, and checks that `<lora:name:1>` changes the next
+image (found without a restart), that the base image is unchanged afterwards (the model was handed back
+bit-identical) and that the card files are there. Takes several minutes and ~12 GB RAM.
+
+Prerequisites (nothing is downloaded):
+* A1111_DIR: a v1.10.x checkout whose repositories/ folder holds the five repos launch.py clones
+  (stable-diffusion-stability-ai, generative-models, k-diffusion, BLIP, stable-diffusion-webui-assets).
+* A1111_PYTHON (default: <A1111_DIR>/venv/bin/python, else this interpreter): the webui's environment with its
+  requirements_versions.txt installed, plus LoRA Loop's requirements. With the webui's transformers 4.30.2 that means
+  peft<=0.13.2 (later peft imports transformers.Cache), pyyaml, safetensors; diffusers is not needed in the webui.
+* The Hugging Face cache of that environment holds openai/clip-vit-large-patch14 (config + tokenizer), which the
+  webui's FrozenCLIPEmbedder loads even when the checkpoint has the weights (hosts.md §10).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.a1111
+
+A1111_DIR = os.environ.get("A1111_DIR")
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = float(os.environ.get("A1111_START_TIMEOUT", "1200"))
+
+
+def _python(webui_dir: Path) -> str:
+    if os.environ.get("A1111_PYTHON"):
+        return os.environ["A1111_PYTHON"]
+    for candidate in (webui_dir / "venv" / "bin" / "python", webui_dir / "venv" / "Scripts" / "python.exe"):
+        if candidate.exists():
+            return str(candidate)
+    return sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _call(base: str, path: str, payload: dict | None = None, timeout: float = 1800) -> dict:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"},
+                                     method="GET" if payload is None else "POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def write_random_sd15(path: Path) -> Path:
+    """A full-size SD1.5 checkpoint with seeded random weights, in the webui's single-file layout (fp16)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from helpers.ldm_checkpoint import ldm_state_dict
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from loraloop.trainer.bundles.checkpoint import shipped_config_dir
+    from loraloop.trainer.bundles.diffusers_bundle import DiffusersBundle
+    from loraloop.trainer.families import get_family
+    from loraloop.trainer.schedule import scaled_linear_alphas_cumprod
+    from loraloop.trainer.tokenizer import load_clip_tokenizer
+
+    configs = shipped_config_dir("sd1")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))
+    bundle = DiffusersBundle(get_family("sd1"), unet, vae, [te], [load_clip_tokenizer("clip-l")],
+                             scaled_linear_alphas_cumprod(), "random-sd15")
+    from safetensors.torch import save_file
+
+    state = {k: v.half() if v.is_floating_point() else v for k, v in ldm_state_dict(bundle).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path
+
+
+def _dataset(folder: Path) -> Path:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True)
+    for i, color in enumerate(["red", "green", "blue", "orange"]):
+        image = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(image).rectangle((12, 12, 52, 52), fill=color)
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"llstyle, a {color} square", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def webui_server(tmp_path_factory):
+    if not A1111_DIR:
+        pytest.skip("set A1111_DIR to a stable-diffusion-webui v1.10.x checkout to run the real-webui test")
+    webui_dir = Path(A1111_DIR).resolve()
+    if not (webui_dir / "launch.py").is_file():
+        pytest.fail(f"A1111_DIR={webui_dir} has no launch.py")
+    tmp = tmp_path_factory.mktemp("a1111")
+    data = tmp / "data"
+    (data / "extensions").mkdir(parents=True)
+    (data / "extensions" / "loraloop").symlink_to(ROOT, target_is_directory=True)
+    ckpt = write_random_sd15(data / "models" / "Stable-diffusion" / "random-sd15.safetensors")
+    port = _free_port()
+    command = [_python(webui_dir), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
+               "--skip-python-version-check", "--use-cpu", "all", "--no-half", "--api", "--disable-nan-check",
+               "--do-not-download-clip", "--no-download-sd-model", "--data-dir", str(data), "--ckpt", str(ckpt),
+               "--lora-dir", str(data / "models" / "Lora"), "--port", str(port), "--skip-version-check"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               COMMANDLINE_ARGS="")
+    log_path = tmp / "webui.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, cwd=webui_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the webui exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-6000:]}")
+            try:
+                models = _call(base, "/sdapi/v1/sd-models", timeout=10)
+                if models:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"the webui did not start in {START_TIMEOUT_S:.0f} s:\n"
+                            f"{log_path.read_text(errors='replace')[-6000:]}")
+            time.sleep(3)
+        yield {"base": base, "data": data, "log": log_path, "tmp": tmp}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # our own process group (start_new_session)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+
+
+def _txt2img_pixels(base: str, prompt: str):
+    import numpy as np
+    from PIL import Image
+
+    payload = {"prompt": prompt, "negative_prompt": "", "seed": 1234, "steps": 3, "width": 64, "height": 64,
+               "cfg_scale": 5, "sampler_name": "Euler", "batch_size": 1, "n_iter": 1}
+    out = _call(base, "/sdapi/v1/txt2img", payload)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(out["images"][0]))).convert("RGB"), dtype=np.int16)
+
+
+def test_train_in_the_real_webui_and_use_the_lora(webui_server):
+    base, data = webui_server["base"], webui_server["data"]
+    config = _call(base, "/config", timeout=60)
+    assert "LoRA Loop" in json.dumps(config), "the LoRA Loop tab was not built"
+
+    before = _txt2img_pixels(base, "llstyle, a red square")
+    dataset = _dataset(webui_server["tmp"] / "dataset")
+    result = _call(base, "/loraloop/v1/train", {
+        "config": {"train_data_dir": str(dataset), "resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 64,
+                   "max_train_steps": 3, "learning_rate": 0.05, "lr_scheduler": "constant", "lora_rank": 4,
+                   "output_name": "ll_real", "trigger_word": "llstyle", "gradient_checkpointing": True,
+                   "sample_steps": 2},
+        "preferred_weight": 1.0, "make_preview": True}, timeout=3600)
+    assert result["steps"] == 3 and result["name"] == "ll_real", result
+    lora_dir = data / "models" / "Lora"
+    assert {"ll_real.safetensors", "ll_real.json", "ll_real.preview.png"} <= {p.name for p in lora_dir.iterdir()}
+    assert json.loads((lora_dir / "ll_real.json").read_text())["activation text"] == "llstyle"
+
+    listed = _call(base, "/sdapi/v1/loras", timeout=60)
+    assert "ll_real" in [entry["name"] for entry in listed]  # the list was refreshed: no restart, no refresh click
+
+    with_lora = _txt2img_pixels(base, "llstyle, a red square <lora:ll_real:1>")
+    after = _txt2img_pixels(base, "llstyle, a red square")
+    assert (with_lora != before).any(), "the LoRA did not change the image"
+    assert (after == before).all(), "the base model changed: training did not hand it back bit-identical"
+    shutil.rmtree(webui_server["tmp"] / "dataset", ignore_errors=True)
