@@ -130,6 +130,46 @@ def test_training_restores_the_host_model_and_exports_kohya_names(host):
     assert mm.empty_cache_calls > 0
 
 
+class _InferenceWeightVAE:
+    """The stand-in VAE plus an identity 1×1 convolution whose weight is, like every weight real ComfyUI 0.12.3 loads on
+    CPU (fp32, no dtype cast), an inference tensor with requires_grad=True: calling it with autograd on fails."""
+
+    def __init__(self, vae):
+        self.inner, self.patcher = vae, vae.patcher
+        with torch.inference_mode():
+            self.weight = torch.nn.Parameter(torch.eye(4).view(4, 4, 1, 1))
+
+    def encode(self, images):
+        return torch.nn.functional.conv2d(self.inner.encode(images), self.weight)
+
+    def decode(self, latents, **kwargs):
+        return self.inner.decode(torch.nn.functional.conv2d(latents, self.weight), **kwargs)
+
+
+def test_weights_that_require_grad_as_in_comfyui_0_12_3(host):
+    """Real ComfyUI 0.12.3 loads every UNet, CLIP and VAE weight as an inference tensor with requires_grad=True (the
+    stand-in builds them with False). Found in the real host: the final preview put adapters in and toggled
+    requires_grad on those weights ("Setting requires_grad=True on inference tensor outside InferenceMode"), and its
+    VAE decode ran with autograd on ("Inference tensors cannot be saved for backward"). Also covers VAE encoding per
+    step (cache_latents off) and CLIP encoding per step (shuffled captions)."""
+    from PIL import Image
+
+    patcher, clip, vae = stub_models.build("sd15")
+    with torch.inference_mode():
+        patcher.model.diffusion_model.requires_grad_(True)
+        clip.cond_stage_model.requires_grad_(True)
+    vae = _InferenceWeightVAE(vae)
+    snap = snapshot(patcher.model.diffusion_model)
+    config = node_config({**FAST, "max_train_steps": 2, "sample_prompts": "flatstyle, a star", "sample_steps": 2,
+                          "sample_every_n_steps": 1, "cache_latents": False, "shuffle_caption": True})
+    with torch.inference_mode():
+        run = train_lora(patcher, clip, vae, dataset(host), config, name="style", node_id="7")
+    assert run.steps == 2
+    assert_unchanged(patcher.model.diffusion_model, snap)
+    assert all(p.requires_grad for p in patcher.model.diffusion_model.parameters())
+    assert isinstance(run.lora.preview, Image.Image) and run.lora.preview.size == (64, 64)  # a sample, not the plot
+
+
 def test_sdxl_and_v_prediction_train(host):
     patcher, run, snap = _train(host, "sdxl", max_train_steps=1)
     assert_unchanged(patcher.model.diffusion_model, snap)

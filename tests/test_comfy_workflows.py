@@ -22,14 +22,38 @@ CORE = {"CheckpointLoaderSimple": ({}, 1, ["MODEL", "CLIP", "VAE"]),
         "SaveImage": ({"images": "IMAGE"}, 1, []), "PreviewImage": ({"images": "IMAGE"}, 0, [])}
 
 
+def frontend_widgets(inputs):
+    """Widgets in the order the 0.12.3 front-end (1.38.13) creates them, which is the order of `widgets_values`:
+    required inputs first, then optional ones (`getOrderedInputSpecs`), NOT the schema's order; an INT named seed or
+    noise_seed without an explicit control_after_generate gets a second (control) widget, i.e. one more value."""
+    ordered = [i for i in inputs if not i.optional] + [i for i in inputs if i.optional]
+    out = []
+    for i in ordered:
+        out.append(i)
+        control = getattr(i, "control_after_generate", None)
+        if i.get_io_type() == "INT" and (control if control is not None else i.id in ("seed", "noise_seed")):
+            out.append(None)  # the control widget's value ("fixed", "randomize", …)
+    return out
+
+
 def definitions():
     out = dict(CORE)
     for node in nodes.NODES:
         s = node.GET_SCHEMA()
         links = {i.id: i.get_io_type() for i in s.inputs if i.get_io_type() not in WIDGETS or getattr(i, "force_input", None)}
-        widgets = [i for i in s.inputs if i.id not in links]
+        widgets = frontend_widgets([i for i in s.inputs if i.id not in links])
         out[s.node_id] = (links, widgets, [o.io_type for o in s.outputs])
     return out
+
+
+def test_no_seed_control_on_our_nodes(tmp_path):
+    """A "control after generate" widget would randomize the training seed, so change CONFIG and re-train on every
+    Queue; our nodes declare control_after_generate=False for such inputs."""
+    setup_host(tmp_path, None)
+    for node in nodes.NODES:
+        assert None not in frontend_widgets(node.GET_SCHEMA().inputs), node.__name__
+    seed = next(i for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs if i.id == "seed")
+    assert seed.as_dict()["control_after_generate"] is False
 
 
 def test_three_examples_exist():
@@ -53,6 +77,8 @@ def test_workflow_matches_node_definitions(tmp_path, path):
             continue
         assert len(values) == len(widgets), node["type"]
         for widget, value in zip(widgets, values, strict=True):
+            if widget is None:
+                continue
             kind = widget.get_io_type()
             if kind == "COMBO" and widget.id != "resume_lora":
                 assert value in widget.options, (widget.id, value)

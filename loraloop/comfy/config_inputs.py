@@ -32,6 +32,9 @@ HOST_OWNED: dict[str, str] = {
     "cache_latents_to_disk": "latents are cached in memory inside ComfyUI",
     "train_text_encoder": "inside ComfyUI LoRA Loop trains the UNet only in this version",
     "text_encoder_lr": "inside ComfyUI LoRA Loop trains the UNet only in this version",
+    "auto": "ComfyUI's model management decides what stays on the GPU; the node does not run the planner yet",
+    "vram_budget_gb": "ComfyUI's model management decides what stays on the GPU",
+    "memory_margin": "ComfyUI's model management decides what stays on the GPU",
 }
 AUTO = "auto"
 NONE_AS_ZERO = "0 = off / use the default"
@@ -43,6 +46,7 @@ NODE_DEFAULTS: dict[str, Any] = {
     "max_train_steps": 500,  # a node run should end; epochs are still used when set to 0
 }
 SMALL_FLOAT = 0.01  # floats with smaller defaults get a fine step and no rounding (learning rates)
+FRONTEND_SEED_NAMES = ("seed", "noise_seed")  # INT inputs the front-end adds a seed control to by name
 
 
 def _base_type(field_type: str) -> tuple[str, bool]:
@@ -78,8 +82,12 @@ def widget_inputs(io: Any, lora_names: list[str]) -> list:
         elif base == "int":
             lo = 0 if (optional or name in NODE_DEFAULTS) else meta["min"]
             hint = "0 = the model family's native resolution." if name == "resolution" else (NONE_AS_ZERO if optional else "")
+            # The front-end gives an INT named `seed` a "control after generate" widget (default: randomize) unless
+            # the spec says otherwise: that would change CONFIG, and so re-train, on every Queue, and add a
+            # widgets_values entry. A training seed stays fixed.
+            extra = {"control_after_generate": False} if name in FRONTEND_SEED_NAMES else {}
             inputs.append(io.Int.Input(name, default=int(default or 0), min=int(lo), max=int(meta["max"]),
-                                       tooltip=_tooltip(meta, hint)))
+                                       tooltip=_tooltip(meta, hint), **extra))
         elif base == "float":
             lo = 0.0 if optional else meta["min"]
             fine = default is not None and 0 < abs(default) < SMALL_FLOAT

@@ -156,11 +156,16 @@ class ComfyBundle:
         return self.patcher.model_dtype()  # type: ignore[attr-defined]
 
     # -- images ---------------------------------------------------------------------------------------------------
+    # The VAE and CLIP are frozen and their weights are inference tensors with requires_grad=True (ComfyUI 0.12.3):
+    # with autograd on (training runs outside inference mode), a layer that uses such a weight without a dtype cast
+    # fails with "Inference tensors cannot be saved for backward". Nothing needs gradients through them: no_grad.
+    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         images = ((pixels.float() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)  # ComfyUI IMAGE: [B,H,W,C] in [0,1]
         raw = self.vae.encode(images)  # type: ignore[attr-defined]
         return self.base_model.process_latent_in(raw.float()).to(self.device)
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         if self.preview_decode:
             return self._rgb_preview(latents)
@@ -182,6 +187,7 @@ class ComfyBundle:
         return torch.nn.functional.interpolate(rgb.clamp(-1, 1), scale_factor=8, mode="nearest")
 
     # -- text -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def _encode_one(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if caption not in self._text_cache:
             tokens = self.clip.tokenize(caption)  # type: ignore[attr-defined]

@@ -123,10 +123,15 @@ def _load_for_training(bundle: ComfyBundle, config: TrainConfig, dynamic_caption
 
 
 def _final_preview(bundle: ComfyBundle, config: TrainConfig, result: TrainResult, spec: NetworkSpec) -> Any:
-    """A fixed-seed sample with the LoRA (decoded with the real VAE after the adapters are gone), else the loss plot."""
+    """A fixed-seed sample with the LoRA (decoded with the real VAE after the adapters are gone), else the loss plot.
+
+    The adapters go in under `trainable_weights` too: ComfyUI 0.12.3's weights are inference tensors with
+    requires_grad=True, and `Network` turns requires_grad off and back on, which autograd refuses for inference tensors
+    outside inference mode. Decoding happens after the re-wrap is undone (loading the VAE may move the UNet).
+    """
     if not config.sample_prompts:
         return loss_curve(result.losses, title=f"{config.output_name}: loss")
-    with torch.no_grad(), Network(bundle, replace(spec, train_unet=True)) as network:
+    with trainable_weights(bundle.unet), torch.no_grad(), Network(bundle, replace(spec, train_unet=True)) as network:
         network.load_state_dict({k: v.float() for k, v in result.state_dict.items()})
         latents = sample_latents(bundle, config.sample_prompts[:1], height=config.resolution, width=config.resolution,
                                  steps=config.sample_steps, cfg=config.sample_cfg, seed=config.seed)

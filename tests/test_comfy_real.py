@@ -1,0 +1,316 @@
+"""Opt-in: the node pack inside a REAL ComfyUI (tested: 0.12.3 on CPU), driven over its HTTP API.
+
+    COMFYUI_DIR=/path/to/ComfyUI pytest -m comfyui tests/test_comfy_real.py -s
+
+Skipped unless COMFYUI_DIR is set AND `-m comfyui` selects it (a plain `pytest` never starts ComfyUI, even with
+COMFYUI_DIR set). ComfyUI runs from its own Python: COMFYUI_PYTHON, else `<COMFYUI_DIR>/.venv/bin/python` (that venv
+needs ComfyUI's requirements.txt plus this repo's requirements.txt). It is started with `--cpu` on a free loopback
+port, with every folder (custom_nodes with this repo symlinked in, models, input, output, user, temp) in a temporary
+base directory, so the checkout is never written to (tests/comfy_real_support/server.py).
+
+What is checked, on a random-weight SD1.5 checkpoint (real layout, fp16, ~2 GB, built once and cached; see
+tests/comfy_real_support/checkpoint.py) and the demo dataset resized to 256 px:
+(a) the shipped example `train_style_lora_and_sample.json`, converted from UI to API format with the front-end's own
+    widget rules (tests/comfy_real_support/workflow.py) and shrunk for CPU (256 px, 4 steps, 3 sampling steps), trains
+    and samples; a KSampler-only prompt on the ORIGINAL model gives bit-identical latents before and after it, while
+    the checkpoint stays cached (the very MODEL object that was trained on is sampled again);
+(b) the saved LoRA is in models/loras, loads through the stock LoraLoader with no "lora key not loaded" line in the
+    server log, and changes the sampled image;
+(c) /object_info has every LoRALoop_* node, the server log has no import error, web/ is served, the examples are
+    listed as templates, and every example workflow uses only known node types with widget values that match the
+    front-end's widget layout; the caption example runs;
+and our LoRAPrompt's `<lora:name:1>` tag gives the same latents as LoraLoader.
+About 4-6 minutes on 2 CPU cores (see the timings printed at the end with -s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from comfy_real_support.server import ComfyServer, cached_nodes, copy_dataset, execution_seconds, make_layout
+from comfy_real_support.workflow import to_api, unknown_nodes, widget_values
+
+pytestmark = pytest.mark.comfyui
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
+DEMO = ROOT / "loraloop" / "demo" / "dataset"
+RESOLUTION = int(os.environ.get("LORALOOP_COMFY_RESOLUTION", "256"))
+TRAIN_STEPS = 4
+SAMPLE_STEPS = 2  # KSampler steps everywhere (the example ships 20)
+SAMPLE_CFG = 1.0  # the before/after/LoRA prompts; 1.0 skips the unconditional pass (the example keeps its 7.0)
+SEED = 1234
+POSITIVE = "flatstyle, a yellow star on a purple background"
+NEGATIVE = "blurry, photo"
+TIMINGS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def comfy_dir(request) -> Path:
+    raw = os.environ.get("COMFYUI_DIR")
+    if not raw:
+        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (and run with -m comfyui)")
+    if "comfyui" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("starts a real ComfyUI: run with -m comfyui")
+    path = Path(raw).expanduser().resolve()
+    if not (path / "main.py").is_file():
+        pytest.fail(f"COMFYUI_DIR={raw} has no main.py")
+    return path
+
+
+def _timed(name: str, fn, *args, **kwargs):
+    t = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        TIMINGS[name] = round(time.perf_counter() - t, 1)
+
+
+@pytest.fixture(scope="module")
+def server(comfy_dir, tmp_path_factory):
+    from comfy_real_support.checkpoint import sd15_checkpoint
+
+    ckpt = _timed("checkpoint (build or cache)", sd15_checkpoint)
+    base = make_layout(tmp_path_factory.mktemp("comfyui"), ckpt)
+    copy_dataset(DEMO, base / "input" / "style_dataset", RESOLUTION)
+    copy_dataset(DEMO, base / "input" / "caption_dataset", RESOLUTION)
+    srv = ComfyServer(comfy_dir, base, extra_args=("--disable-api-nodes",))
+    _timed("server start", srv.start)
+    yield srv
+    srv.stop()
+    print("\nreal ComfyUI timings (s):", json.dumps(TIMINGS, indent=1))
+    if os.environ.get("LORALOOP_KEEP_COMFY_LOG"):
+        shutil.copy(srv.log_path, os.environ["LORALOOP_KEEP_COMFY_LOG"])
+    (base / "custom_nodes" / "loraloop").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.get("/object_info")
+
+
+def _ckpt_name(server) -> str:
+    return next(p.name for p in (server.base / "models" / "checkpoints").iterdir())
+
+
+def sampling_prompt(ckpt: str, prefix: str, lora: str | None = None, tag: str | None = None) -> dict:
+    """Checkpoint → (LoraLoader, or our LoRAPrompt with a `<lora:…>` tag) → KSampler with a fixed seed → SaveLatent
+    (exact) + SaveImage (PNG)."""
+    model, clip = ["ckpt", 0], ["ckpt", 1]
+    prompt = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
+    if lora:
+        prompt["lora"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
+                                                                 "strength_model": 1.0, "strength_clip": 1.0}}
+        model, clip = ["lora", 0], ["lora", 1]
+    positive = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": POSITIVE}}
+    if tag:
+        positive = {"class_type": "LoRALoop_LoRAPrompt", "inputs": {"model": model, "clip": clip,
+                                                                   "text": f"{tag} {POSITIVE}"}}
+        model, clip = ["pos", 1], ["pos", 2]
+    prompt |= {
+        "pos": positive,
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": NEGATIVE}},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": RESOLUTION, "height": RESOLUTION,
+                                                               "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": SEED, "steps": SAMPLE_STEPS, "cfg": SAMPLE_CFG, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["empty", 0],
+            "denoise": 1.0}},
+        "save_latent": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0],
+                                                               "filename_prefix": f"latents/{prefix}"}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
+    }
+    return prompt
+
+
+def _outputs(server, entry: dict, node: str) -> list[Path]:
+    images = entry["outputs"][node].get("images", []) + entry["outputs"][node].get("latents", [])
+    return [server.base / "output" / i.get("subfolder", "") / i["filename"] for i in images]
+
+
+def _latent(path: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["latent_tensor"]
+
+
+def _pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+class Run:
+    """The prompts, run once per module in order: caption example, before, training example, after, with LoRA."""
+
+    def __init__(self, server, object_info) -> None:
+        self.server, self.object_info, self.ckpt = server, object_info, _ckpt_name(server)
+        self.results: dict[str, dict] = {}
+
+    def _once(self, name: str, fn) -> dict:
+        """Run a step once; a failure is remembered, so later tests fail at once instead of training again."""
+        if name not in self.results:
+            try:
+                self.results[name] = fn()
+            except Exception as err:  # noqa: BLE001 - re-raised now and for every later test
+                self.results[name] = err
+        if isinstance(self.results[name], Exception):
+            raise self.results[name]
+        return self.results[name]
+
+    def sample(self, name: str, lora: str | None = None, tag: str | None = None) -> dict:
+        return self._once(name, lambda: self._sample(name, lora, tag))
+
+    def _sample(self, name: str, lora: str | None, tag: str | None) -> dict:
+        entry = _timed(f"prompt: sample {name}", self.server.run, sampling_prompt(self.ckpt, name, lora, tag),
+                       timeout=900)
+        return {"entry": entry, "latent": _outputs(self.server, entry, "save_latent")[0],
+                "image": _outputs(self.server, entry, "save")[0], "log": self.server.log_text()}
+
+    def train(self) -> dict:
+        return self._once("train", self._train)
+
+    def _train(self) -> dict:
+        self.sample("before")
+        wf = json.loads((ROOT / "example_workflows" / "train_style_lora_and_sample.json").read_text())
+        prompt = shrink_for_cpu(to_api(wf, self.object_info), self.ckpt)
+        log_start = len(self.server.log_text())
+        entry = _timed("prompt: train example (4 steps)", self.server.run, prompt, timeout=1800)
+        TIMINGS["train example: server-side execution"] = round(execution_seconds(entry), 1)
+        return {"entry": entry, "prompt": prompt, "log": self.server.log_text()[log_start:]}
+
+
+def shrink_for_cpu(prompt: dict, ckpt: str) -> dict:
+    """The example's prompt with CPU-sized numbers; everything else as shipped."""
+    by_type = {}
+    for node in prompt.values():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    assert len(by_type["CheckpointLoaderSimple"]) == 1
+    by_type["CheckpointLoaderSimple"][0]["ckpt_name"] = ckpt
+    (config,) = by_type["LoRALoop_TrainConfig"]
+    assert config["sample_prompts"] == POSITIVE and config["seed"] == 42 and config["resume_lora"] == "[none]"
+    # one in-training preview (at the last step) and the final preview, 1 sampling step each
+    config.update(resolution=RESOLUTION, min_bucket_reso=RESOLUTION, max_train_steps=TRAIN_STEPS,
+                  sample_every_n_steps=TRAIN_STEPS, sample_steps=1, learning_rate=1e-3, lr_warmup_steps=0)
+    for latent in by_type["EmptyLatentImage"]:
+        latent.update(width=RESOLUTION, height=RESOLUTION)
+    for sampler in by_type["KSampler"]:
+        sampler.update(steps=SAMPLE_STEPS)
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def run(server, object_info) -> Run:
+    return Run(server, object_info)
+
+
+# -- (c) the pack loads, the examples are valid ---------------------------------------------------------------------
+def test_every_node_registered_and_no_import_error(server, object_info):
+    # Read from the source, not by importing: in a full run the stand-in's folder_paths may already be imported here.
+    source = (ROOT / "loraloop" / "comfy" / "nodes.py").read_text()
+    expected = {"LoRALoop_" + m for m in re.findall(r'node_id=PREFIX \+ "(\w+)"', source)}
+    assert len(expected) == 6
+    assert expected == {k for k in object_info if k.startswith("LoRALoop_")}
+    for node_id in expected:
+        assert object_info[node_id]["python_module"] == "custom_nodes.loraloop"
+    log = server.log_text()
+    assert "IMPORT FAILED" not in log and "Cannot import" not in log, log[-4000:]
+    assert "loraloop" in log  # listed under "Import times for custom nodes"
+    assert "/extensions/loraloop/loraloop.js" in server.get("/extensions")  # WEB_DIRECTORY is served
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_uses_known_nodes_and_matches_the_frontend_widgets(object_info, path):
+    wf = json.loads(path.read_text())
+    assert unknown_nodes(wf, object_info) == []
+    for node in wf["nodes"]:
+        widget_values(node, object_info[node["type"]])  # raises on a count mismatch
+    to_api(wf, object_info)
+
+
+def test_example_templates_are_served(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates.get("loraloop", [])) == sorted(p.stem for p in EXAMPLES)
+
+
+def test_caption_example_runs(server, object_info):
+    wf = json.loads((ROOT / "example_workflows" / "caption_a_folder.json").read_text())
+    prompt = to_api(wf, object_info)
+    load = next(n for n in prompt.values() if n["class_type"] == "LoRALoop_LoadDataset")
+    load["inputs"]["folder"] = "caption_dataset"
+    entry = _timed("prompt: caption example", server.run, prompt, timeout=300)
+    folder = server.base / "input" / "caption_dataset"
+    sidecars = sorted(folder.glob("*.txt"))
+    assert len(sidecars) == 12
+    assert all(p.read_text().startswith("flatstyle, flat illustration, ") for p in sidecars)
+    texts = [o for out in entry["outputs"].values() for o in out.get("text", [])]
+    assert any("flatstyle" in t for t in texts)
+
+
+# -- (a) training leaves the original model untouched ---------------------------------------------------------------
+def test_training_example_runs_and_saves_a_lora(run):
+    train = run.train()
+    outputs = train["entry"]["outputs"]
+    texts = [t for out in outputs.values() for t in out.get("text", [])]
+    assert any(f"trained {TRAIN_STEPS} steps" in t for t in texts), texts
+    assert any("saved flatstyle.safetensors in models/loras" in t for t in texts), texts
+    assert (run.server.base / "models" / "loras" / "flatstyle.safetensors").is_file()
+    assert (run.server.base / "models" / "loras" / "flatstyle.json").is_file()
+    assert "lora key not loaded" not in train["log"]  # TrainLoRA applies the LoRA to its MODEL output itself
+    images = [i for out in outputs.values() for i in out.get("images", [])]
+    assert images, "no image from the example's KSampler/PreviewImage"
+
+
+def test_original_model_samples_identically_before_and_after_training(run):
+    before = run.sample("before")
+    run.train()
+    after = run.sample("after")
+    ckpt_node, sampler = "ckpt", "sample"
+    assert ckpt_node in cached_nodes(after["entry"]), "the checkpoint was reloaded: the check would prove nothing"
+    assert sampler not in cached_nodes(after["entry"]), "KSampler came from the cache"
+    import torch
+
+    a, b = _latent(before["latent"]), _latent(after["latent"])
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, b), f"max |Δ| = {(a - b).abs().max().item()}"
+    assert (_pixels(before["image"]) == _pixels(after["image"])).all()
+
+
+# -- (b) the saved file works with the stock LoraLoader --------------------------------------------------------------
+def test_saved_lora_loads_in_stock_loraloader_and_changes_the_image(run):
+    run.train()
+    names = run.server.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert "flatstyle.safetensors" in names
+    log_start = len(run.server.log_text())
+    with_lora = run.sample("with_lora", lora="flatstyle.safetensors")
+    log = with_lora["log"][log_start:]
+    assert "lora key not loaded" not in log, log[-4000:]
+    assert "ERROR" not in log, log[-4000:]
+    import torch
+
+    base, lora = _latent(run.sample("before")["latent"]), _latent(with_lora["latent"])
+    assert torch.isfinite(lora).all()
+    assert not torch.equal(base, lora)
+    diff = abs(_pixels(run.sample("before")["image"]) - _pixels(with_lora["image"]))
+    assert diff.max() > 0, "the LoRA did not change the decoded image"
+    TIMINGS["lora image mean |Δ| (0-255)"] = round(float(diff.mean()), 3)
+
+
+def test_lora_prompt_tag_applies_the_saved_lora_like_loraloader(run):
+    """`<lora:flatstyle:1>` in our LoRAPrompt gives bit-identical latents to LoraLoader at 1.0/1.0."""
+    run.train()
+    tagged = run.sample("lora_prompt", tag="<lora:flatstyle:1>")
+    import torch
+
+    loader = run.sample("with_lora", lora="flatstyle.safetensors")
+    assert torch.equal(_latent(tagged["latent"]), _latent(loader["latent"]))
