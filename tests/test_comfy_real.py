@@ -20,7 +20,8 @@ tests/comfy_real_support/checkpoint.py) and the demo dataset resized to 256 px:
     listed as templates, and every example workflow uses only known node types with widget values that match the
     front-end's widget layout; the caption example runs;
 and our LoRAPrompt's `<lora:name:1>` tag gives the same latents as LoraLoader.
-About 4-6 minutes on 2 CPU cores (see the timings printed at the end with -s).
+About 2 minutes on a quiet 2-core CPU (1m51s measured; the checkpoint build adds ~20 s the first time), several
+times longer on a busy machine; the timings are printed at the end with -s.
 """
 
 from __future__ import annotations
