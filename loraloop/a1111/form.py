@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..trainer.config import TrainConfig, field_help, from_mapping, load_config
+from ..trainer.config import AUTO, HOST_DEFAULTS, TrainConfig, field_help, from_mapping, load_config
 from ..trainer.errors import ConfigError
 from ..trainer.families import Family
 
@@ -25,15 +25,8 @@ HOST_OWNED: dict[str, str] = {
     "family": "detected from the loaded model",
     "prediction_type": "read from the loaded model (parameterization)",
 }
-AUTO = "auto"
 NOT_SET = "0 / empty = not set (default)."
-# Tab defaults that differ from the engine's, and why (the ComfyUI node uses the same ones).
-TAB_DEFAULTS: dict[str, Any] = {
-    "resolution": 0,  # 0 = the family's native size: 512 SD1/SD2, 768 SD2-v, 1024 SDXL
-    "mixed_precision": AUTO,  # follow the loaded model's dtype (the webui loads fp16 on GPUs)
-    "gradient_checkpointing": True,  # the webui holds the whole pipeline: trade speed for memory by default
-    "max_train_steps": 500,  # a tab run should end; 0 trains `epochs` instead
-}
+TAB_DEFAULTS = HOST_DEFAULTS  # tab defaults that differ from the engine's (shared with the ComfyUI node)
 # Options of the A1111 tab that are not training settings: what is written beside the LoRA.
 EXTRA_FIELDS: dict[str, dict[str, Any]] = {
     "preferred_weight": {"default": 0.8, "help": "Weight the Lora card inserts (<lora:name:weight>); written to "

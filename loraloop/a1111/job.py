@@ -35,13 +35,13 @@ from ..trainer.batches import dataset_options
 from ..trainer.config import TrainConfig
 from ..trainer.data import TrainDataset, process_caption, tag_frequency
 from ..trainer.errors import ConfigError, LoraFileError, LoraLoopError, TrainingInterrupted, UnsupportedModelError
-from ..trainer.loop import SAVE_DTYPES, TrainResult, make_schedule, network_spec, train
-from ..trainer.lorafile import atomic_write, load_lora, save_lora
-from ..trainer.metadata import RunInfo, build_metadata
-from ..trainer.network import Network, NetworkSpec, spec_from_state_dict
-from ..trainer.plot import image_grid, loss_curve, to_pil
+from ..trainer.loop import TrainResult, make_schedule, network_spec, train
+from ..trainer.lorafile import load_lora
+from ..trainer.metadata import RunInfo
+from ..trainer.network import NetworkSpec, spec_from_state_dict
+from ..trainer.periodic import PeriodicSaver
+from ..trainer.plot import loss_curve
 from ..trainer.runner import plan_memory, prepare_batches, sample_grid
-from ..trainer.sampling import sample_images
 from . import compat, forge, form, outputs, webui
 from .bundle import WebuiBundle
 from .sink import LIVE, LiveStatus, WebuiSink
@@ -218,38 +218,6 @@ def preview_prompt(config: TrainConfig, dataset: TrainDataset) -> str:
     return process_caption(first, dataset.options, random.Random(0)) or config.trigger_word
 
 
-class StepHook:
-    """After each optimizer step: intermediate LoRAs into the Lora folder (keeping the last N), sample previews."""
-
-    def __init__(self, bundle: WebuiBundle, config: TrainConfig, spec: NetworkSpec, sink: WebuiSink, run: RunInfo,
-                 lora_dir: Path, work_dir: Path, placements: Placements, steps_per_epoch: int) -> None:
-        self.bundle, self.config, self.spec, self.sink, self.run = bundle, config, spec, sink, run
-        self.lora_dir, self.work_dir, self.placements = lora_dir, work_dir, placements
-        self.steps_per_epoch = steps_per_epoch
-        self.saved: list[Path] = []
-
-    def __call__(self, step: int, network: Network) -> None:
-        c = self.config
-        by_steps = c.save_every_n_steps and step % c.save_every_n_steps == 0
-        by_epochs = c.save_every_n_epochs and step % (self.steps_per_epoch * c.save_every_n_epochs) == 0
-        if by_steps or by_epochs:
-            meta = build_metadata(family=self.bundle.family, spec=self.spec, run=replace(self.run, steps=step),
-                                  config=c.to_dict(), output_name=c.output_name,
-                                  trigger_words=[c.trigger_word] if c.trigger_word else None)
-            path = self.lora_dir / f"{c.output_name}-step{step:06d}.safetensors"
-            self.saved.append(save_lora(path, network.state_dict(SAVE_DTYPES[c.save_precision]), meta, overwrite=True))
-            while c.save_last_n and len(self.saved) > c.save_last_n:
-                self.saved.pop(0).unlink(missing_ok=True)
-        if c.sample_prompts and c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
-            with self.placements.on_device(self.bundle.vae):
-                images = to_pil(sample_images(self.bundle, c.sample_prompts, height=c.resolution, width=c.resolution,
-                                              steps=c.sample_steps, cfg=c.sample_cfg, seed=c.seed))
-            grid = image_grid([images], [f"step {step}"])
-            atomic_write(self.work_dir / "samples" / f"{c.output_name}_step{step:06d}.png",
-                         lambda tmp: grid.save(tmp, format="PNG"), overwrite=True)
-            self.sink.preview(step, grid)
-
-
 def _oom(err: BaseException, config: TrainConfig, device: torch.device) -> OutOfMemory:
     return OutOfMemory(f"out of memory on {device} while training at {config.resolution}px, batch {config.batch_size}: "
                        "turn on gradient_checkpointing, lower resolution or batch_size, use mixed_precision fp16/bf16 "
@@ -352,7 +320,9 @@ def _train(bundle: WebuiBundle, config: TrainConfig, settings: form.TabSettings,
             schedule = make_schedule(config, batches.batches_per_epoch)
             job.total_steps = schedule.total_steps
             sink.begin(schedule.total_steps)
-            hook = StepHook(bundle, config, spec, sink, run, lora_dir, work_dir, placements, schedule.steps_per_epoch)
+            hook = PeriodicSaver(bundle, config, spec, sink, run, steps_per_epoch=schedule.steps_per_epoch,
+                                 lora_path=lambda stem: lora_dir / f"{stem}.safetensors",
+                                 samples_dir=work_dir / "samples", sampling=lambda: placements.on_device(bundle.vae))
             try:
                 result = train(bundle, batches, config, sink, spec=spec, initial_lora=initial, run=run,
                                on_step_end=hook)

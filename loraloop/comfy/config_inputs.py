@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..trainer.config import TrainConfig, field_help, from_mapping
+from ..trainer.config import AUTO, HOST_DEFAULTS, TrainConfig, field_help, from_mapping
 from ..trainer.families import Family
 
 HOST_OWNED: dict[str, str] = {
@@ -36,15 +36,8 @@ HOST_OWNED: dict[str, str] = {
     "vram_budget_gb": "ComfyUI's model management decides what stays on the GPU",
     "memory_margin": "ComfyUI's model management decides what stays on the GPU",
 }
-AUTO = "auto"
 NONE_AS_ZERO = "0 = off / use the default"
-# Node defaults that differ from the engine's, and why.
-NODE_DEFAULTS: dict[str, Any] = {
-    "resolution": 0,  # 0 = the family's native size (512 SD1/SD2, 768 SD2-v, 1024 SDXL)
-    "mixed_precision": AUTO,  # follow the loaded model's dtype (ComfyUI loads fp16/bf16 on GPUs)
-    "gradient_checkpointing": True,  # a host already holds other models: trade speed for memory by default
-    "max_train_steps": 500,  # a node run should end; epochs are still used when set to 0
-}
+NODE_DEFAULTS = HOST_DEFAULTS  # node defaults that differ from the engine's (shared with the A1111 tab)
 SMALL_FLOAT = 0.01  # floats with smaller defaults get a fine step and no rounding (learning rates)
 FRONTEND_SEED_NAMES = ("seed", "noise_seed")  # INT inputs the front-end adds a seed control to by name
 

@@ -22,10 +22,11 @@ from ..trainer.config import TrainConfig
 from ..trainer.data import tag_frequency
 from ..trainer.errors import LoraFileError, LoraLoopError, TrainingInterrupted
 from ..trainer.lorafile import load_lora, save_lora
-from ..trainer.loop import SAVE_DTYPES, TrainResult, network_spec, train
-from ..trainer.metadata import RunInfo, build_metadata
+from ..trainer.loop import TrainResult, make_schedule, network_spec, train
+from ..trainer.metadata import RunInfo
 from ..trainer.network import Network, NetworkSpec, spec_from_state_dict
-from ..trainer.plot import image_grid, loss_curve, to_pil
+from ..trainer.periodic import PeriodicSaver
+from ..trainer.plot import loss_curve, to_pil
 from ..trainer.runner import prepare_batches
 from ..trainer.sampling import sample_latents
 from .config_inputs import NodeConfig
@@ -83,33 +84,17 @@ def _initial_lora(config: TrainConfig) -> tuple[NetworkSpec, dict[str, torch.Ten
     return spec_from_state_dict(tensors, spec, metadata), tensors
 
 
-class _StepHook:
-    """Intermediate saves into models/loras and sample previews during training."""
+def _lora_file(stem: str) -> Path:
+    folder, safe = lora_target(stem)
+    return folder / f"{safe}.safetensors"
 
-    def __init__(self, bundle: ComfyBundle, config: TrainConfig, spec: NetworkSpec, sink: ComfySink,
-                 run: RunInfo) -> None:
-        self.bundle, self.config, self.spec, self.sink, self.run = bundle, config, spec, sink, run
-        self.saved: list[Path] = []
 
-    def __call__(self, step: int, network: Network) -> None:
-        c = self.config
-        if c.save_every_n_steps and step % c.save_every_n_steps == 0:
-            folder, stem = lora_target(f"{c.output_name}-step{step:06d}")
-            meta = build_metadata(family=self.bundle.family, spec=self.spec, run=replace(self.run, steps=step),
-                                  config=c.to_dict(), output_name=c.output_name)
-            self.saved.append(save_lora(folder / f"{stem}.safetensors",
-                                        network.state_dict(SAVE_DTYPES[c.save_precision]), meta, overwrite=True))
-            while c.save_last_n and len(self.saved) > c.save_last_n:
-                self.saved.pop(0).unlink(missing_ok=True)
-            invalidate_lora_list()
-        if c.sample_prompts and c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
-            self.sink.preview(step, image_grid([to_pil(self._sample())], [f"step {step}"]))
-
-    def _sample(self) -> torch.Tensor:
-        c = self.config
-        latents = sample_latents(self.bundle, c.sample_prompts, height=c.resolution, width=c.resolution,
-                                 steps=c.sample_steps, cfg=c.sample_cfg, seed=c.seed)
-        return self.bundle.decode_latents(latents)
+def _step_hook(bundle: ComfyBundle, config: TrainConfig, spec: NetworkSpec, sink: ComfySink, run: RunInfo,
+               batches: BatchMaker) -> PeriodicSaver:
+    """Intermediate saves into models/loras (LoraLoader lists them at once) and sample previews in the node."""
+    steps_per_epoch = make_schedule(config, batches.batches_per_epoch).steps_per_epoch
+    return PeriodicSaver(bundle, config, spec, sink, run, steps_per_epoch=steps_per_epoch, lora_path=_lora_file,
+                         after_save=invalidate_lora_list)
 
 
 def _load_for_training(bundle: ComfyBundle, config: TrainConfig, dynamic_captions: bool) -> None:
@@ -169,7 +154,7 @@ def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_conf
             with trainable_weights(bundle.unet) as wrapped:
                 log.info("LoRA Loop: %d frozen tensors re-wrapped for autograd (no copy)", wrapped)
                 result = train(bundle, batches, config, sink, spec=spec, initial_lora=initial, run=run,
-                               on_step_end=_StepHook(bundle, config, spec, sink, run))
+                               on_step_end=_step_hook(bundle, config, spec, sink, run, batches))
             # Outside the re-wrap: decoding may make ComfyUI move the UNet's (original) weights.
             preview = _final_preview(bundle, config, result, spec)
         except TrainingInterrupted as stop:

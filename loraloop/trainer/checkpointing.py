@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -18,8 +19,6 @@ CHECKPOINT_CLASSES = {"BasicTransformerBlock", "ResnetBlock2D", "ResBlock"}
 
 
 def _wrap(forward):  # noqa: ANN001, ANN202
-    import torch
-
     def checkpointed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         if torch.is_grad_enabled():
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)

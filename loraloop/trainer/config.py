@@ -162,6 +162,17 @@ class TrainConfig:
         return self
 
 
+AUTO = "auto"
+# Where a host (ComfyUI node, A1111 tab) holds the model, these defaults differ from the CLI's. Both front ends use
+# this one table so they cannot drift.
+HOST_DEFAULTS: dict[str, Any] = {
+    "resolution": 0,  # 0 = the family's native size: 512 SD1/SD2, 768 SD2-v, 1024 SDXL
+    "mixed_precision": AUTO,  # follow the loaded model's dtype (hosts load fp16/bf16 on GPUs)
+    "gradient_checkpointing": True,  # the host holds other models too: trade speed for memory by default
+    "max_train_steps": 500,  # a run started from a UI should end; 0 trains `epochs` instead
+}
+
+
 # kohya sd-scripts / lora-scripts names → ours. A value of None means "known, not used by LoRA Loop" (listed once).
 ALIASES: dict[str, str | None] = {
     "pretrained_model_name_or_path": "base_model", "train_batch_size": "batch_size",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -310,8 +311,6 @@ def spec_from_state_dict(state: dict[str, torch.Tensor], base: NetworkSpec,
             r = int(float((metadata or {}).get("ss_network_dim", base.rank)))
         ranks[stem] = int(r)
         alphas[stem] = float(state[f"{stem}.alpha"]) if f"{stem}.alpha" in state else float(r)
-    from collections import Counter
-
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     return NetworkSpec(network_type=network_type, rank=rank, alpha=alpha, dropout=base.dropout,

@@ -21,6 +21,7 @@ from .lorafile import atomic_write, load_lora, save_lora
 from .loop import TrainResult, make_schedule, network_spec, train
 from .metadata import RunInfo
 from .network import Network, NetworkSpec, spec_from_state_dict
+from .periodic import PeriodicSaver
 from .plot import image_grid, loss_curve, to_pil
 from .progress import NullSink, ProgressSink
 from .sampling import sample_images
@@ -43,18 +44,14 @@ class RunOutputs:
 
 def load_bundle(config: TrainConfig) -> ModelBundle:
     """The model named by `config.base_model` (a checkpoint, a diffusers folder, or builtin:tiny-*)."""
-    if config.base_model.startswith("builtin:"):
-        from .bundles.tiny import build_tiny_bundle
-
-        return build_tiny_bundle(config.base_model.removeprefix("builtin:"))
-    from .bundles.checkpoint import load_checkpoint_bundle
+    from .bundles.checkpoint import resolve_base_model
 
     dtype = torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and config.mixed_precision in ("fp16", "bf16"):
         dtype = torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
-    return load_checkpoint_bundle(config.base_model, family=config.family, prediction_type=config.prediction_type,
-                                  dtype=dtype, device=device)
+    return resolve_base_model(config.base_model, family=config.family, prediction_type=config.prediction_type,
+                              dtype=dtype, device=device)
 
 
 def prepare_batches(bundle: ModelBundle, dataset: TrainDataset, config: TrainConfig, sink: ProgressSink,
@@ -105,46 +102,6 @@ def write_outputs(result: TrainResult, config: TrainConfig, folder: Path, name: 
     plot = atomic_write(folder / f"{name}_loss.png", lambda tmp: loss_curve(result.losses, title=f"{name}: loss")
                         .save(tmp, format="PNG"), overwrite=True)
     return {"lora": lora, "config": cfg, "loss_plot": plot}
-
-
-class _PeriodicSaver:
-    """Intermediate LoRAs every N steps/epochs (keeping the last K), sample previews, resumable state."""
-
-    def __init__(self, config: TrainConfig, folder: Path, bundle: ModelBundle, steps_per_epoch: int,
-                 sink: ProgressSink, spec: NetworkSpec) -> None:
-        self.config, self.folder, self.bundle, self.sink, self.spec = config, folder, bundle, sink, spec
-        self.steps_per_epoch = steps_per_epoch
-        self.saved: list[Path] = []
-
-    def __call__(self, step: int, network: Network) -> None:
-        c = self.config
-        by_steps = c.save_every_n_steps and step % c.save_every_n_steps == 0
-        by_epochs = c.save_every_n_epochs and step % (self.steps_per_epoch * c.save_every_n_epochs) == 0
-        if by_steps or by_epochs:
-            self._save(step, network)
-        if c.sample_prompts and c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
-            kwargs = {"height": c.resolution, "width": c.resolution, "steps": c.sample_steps, "cfg": c.sample_cfg,
-                      "seed": c.seed}
-            images = to_pil(sample_images(self.bundle, c.sample_prompts, **kwargs))
-            grid = image_grid([images], [f"step {step}"])
-            path = self.folder / "samples" / f"{c.output_name}_step{step:06d}.png"
-            atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"), overwrite=True)
-            self.sink.preview(step, grid)
-
-    def _save(self, step: int, network: Network) -> None:
-        from .loop import SAVE_DTYPES
-        from .metadata import build_metadata
-
-        c = self.config
-        run = RunInfo(model_name=self.bundle.name, steps=step)
-        meta = build_metadata(family=self.bundle.family, spec=self.spec, run=run, config=c.to_dict(),
-                              output_name=c.output_name)
-        path = self.folder / f"{c.output_name}-step{step:06d}.safetensors"
-        save_lora(path, network.state_dict(SAVE_DTYPES[c.save_precision]), meta, overwrite=True)
-        self.saved.append(path)
-        if c.save_last_n:
-            while len(self.saved) > c.save_last_n:
-                self.saved.pop(0).unlink(missing_ok=True)
 
 
 def plan_memory(config: TrainConfig, dataset: TrainDataset, bundle: ModelBundle | None,
@@ -210,7 +167,8 @@ def run(config: TrainConfig, sink: ProgressSink | None = None, *, bundle: ModelB
                        tag_frequency=tag_frequency(dataset.records), dataset_dirs=dataset.scan.dataset_dirs(),
                        bucket_info={"buckets": {f"{w}x{h}": n for (w, h), n in dataset.bucket_counts().items()}})
     schedule = make_schedule(config, batches.batches_per_epoch)
-    saver = _PeriodicSaver(config, folder, bundle, schedule.steps_per_epoch, sink, spec)
+    saver = PeriodicSaver(bundle, config, spec, sink, run_info, steps_per_epoch=schedule.steps_per_epoch,
+                          lora_path=lambda stem: folder / f"{stem}.safetensors", samples_dir=folder / "samples")
     try:
         result = train(bundle, batches, config, sink, spec=spec, initial_lora=initial, resume=state, run=run_info,
                        on_step_end=saver)
