@@ -38,10 +38,21 @@ def _old_transformers() -> bool:
     return (major, minor) < (4, 36)
 
 
+def plan_installs(todo: list[str], old_transformers: bool) -> list[str]:
+    """What to install of the missing requirements `todo` next to the host's transformers.
+
+    With transformers < 4.36 (A1111 1.10 pins 4.30.2): peft 0.13.2 (later peft imports `transformers.Cache`), and no
+    diffusers: a current diffusers pulls huggingface_hub ≥ 1.0, with which transformers 4.30 can no longer load the
+    CLIP tokenizer, so the webui could not load any checkpoint. The extension does not need diffusers (the memory planner
+    uses the shipped architecture sizes; diffusers is only for standalone training).
+    """
+    if not old_transformers:
+        return todo
+    return ["peft==0.13.2" if req.startswith("peft") else req for req in todo if not req.startswith("diffusers")]
+
+
 def main() -> None:
-    todo = missing()
-    if _old_transformers():
-        todo = ["peft==0.13.2" if req.startswith("peft") else req for req in todo]
+    todo = plan_installs(missing(), _old_transformers())
     if not todo:
         return
     try:  # inside A1111/Forge: their pip wrapper respects --skip-install and their index settings

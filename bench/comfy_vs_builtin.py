@@ -5,7 +5,8 @@
 Both trainers get the same random-weight SD1.5 checkpoint (tests/comfy_real_support/checkpoint.py), the same 12 demo
 images resized to a square `--resolution` (captions as .txt sidecars, which both read), batch size 1, LoRA rank
 `--rank`, AdamW, a constant learning rate, fp32 weights and compute on CPU (`--cpu`: ComfyUI loads the UNet in fp32),
-gradient checkpointing on (both nodes' default; `--no-checkpointing` turns it off for both), no sampling. What each
+gradient checkpointing as each node does by default (`--checkpointing default`: the built-in node on, ours `auto`, i.e.
+the memory planner turns it off when the free memory allows; `on`/`off` force it for both), no sampling. What each
 trains is its own default: ours puts LoRA on the UNet's transformer blocks (kohya's targets), the built-in node on
 every weighted layer (all linear and conv layers, plus bias/norm diffs).
 
@@ -53,12 +54,13 @@ def ours_prompt(ckpt: str, object_info: dict, steps: int, args: argparse.Namespa
     info = object_info["LoRALoop_TrainConfig"]["input"]
     config = {name: spec[1]["default"] for part in ("required", "optional") for name, spec in info.get(part, {}).items()
               if isinstance(spec[1], dict) and "default" in spec[1]}
-    # min_bucket_reso is checked against resolution even with buckets off (engine rule): keep it ≤ resolution
     config.update(resolution=args.resolution, enable_bucket=False, min_bucket_reso=min(args.resolution, 256),
                   max_train_steps=steps,
                   lora_rank=args.rank, batch_size=1, accumulation_steps=1,
                   learning_rate=args.lr, lr_scheduler="constant", lr_warmup_steps=0, optimizer="adamw",
-                  mixed_precision="no", gradient_checkpointing=not args.no_checkpointing, cache_latents=True,
+                  mixed_precision="no", gradient_checkpointing={"default": "auto"}.get(args.checkpointing,
+                                                                                       args.checkpointing),
+                  cache_latents=True,
                   seed=args.seed, sample_prompts="", sample_every_n_steps=0, save_every_n_steps=0,
                   save_every_n_epochs=0)
     return {
@@ -83,7 +85,7 @@ def builtin_prompt(ckpt: str, object_info: dict, steps: int, args: argparse.Name
             "model": ["ckpt", 0], "latents": ["encode", 0], "positive": ["encode", 1], "batch_size": 1,
             "grad_accumulation_steps": 1, "steps": steps, "learning_rate": args.lr, "rank": args.rank,
             "optimizer": "AdamW", "loss_function": "MSE", "seed": args.seed, "training_dtype": "fp32",
-            "lora_dtype": "fp32", "algorithm": "LoRA", "gradient_checkpointing": not args.no_checkpointing,
+            "lora_dtype": "fp32", "algorithm": "LoRA", "gradient_checkpointing": args.checkpointing != "off",
             "existing_lora": "[None]", "bucket_mode": False, "bypass_mode": False}},
         "out": {"class_type": "SaveLoRA", "inputs": {"lora": ["train", 0], "prefix": "loras/bench_builtin",
                                                      "steps": ["train", 2]}},
@@ -132,14 +134,18 @@ def bench_one(name: str, comfy_dir: Path, ckpt: Path, args: argparse.Namespace) 
                 ticks = events.progress_times(prompt_id, "train")
                 intervals = [b[0] - a[0] for a, b in zip(ticks, ticks[1:])]
                 cpu = [b[1] - a[1] for a, b in zip(ticks, ticks[1:])]
+                texts = [t for out in entry.get("outputs", {}).values() for t in out.get("text", [])]
+                plan = next((line.split(":", 1)[1].strip() for t in texts for line in t.splitlines()
+                             if line.startswith("settings:")), None)  # ours: the memory plan's chosen settings
                 runs.append({"steps": steps, "seconds": execution_seconds(entry), "progress_events": len(ticks),
+                             "plan_settings": plan,
                              "step_intervals_s": intervals, "step_cpu_s": cpu, "rss_before_mb": before / MB,
                              "peak_rss_mb": server.peak_rss() / MB, "sampled_peak_mb": sampler.peak / MB,
                              "load_avg_1min": os.getloadavg()[0]})
                 print(f"  {name} {'warm-up' if i == 0 else 'timed'} ({steps} steps): {runs[-1]['seconds']:.1f} s, "
                       f"step intervals {[round(x, 2) for x in intervals]} (CPU {[round(x, 2) for x in cpu]}), "
                       f"peak RSS {runs[-1]['peak_rss_mb']:.0f} MB, "
-                      f"load {runs[-1]['load_avg_1min']:.1f}", flush=True)
+                      f"load {runs[-1]['load_avg_1min']:.1f}" + (f"; plan: {plan}" if plan else ""), flush=True)
             events.close()
             log = server.log_text()
     if "lora key not loaded" in log or "Traceback" in log:
@@ -166,7 +172,11 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off for both")
+    p.add_argument("--checkpointing", choices=("default", "on", "off"), default="default",
+                   help="default: each node's default (built-in on, ours auto = the memory planner decides); "
+                        "on/off: forced for both")
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_const", const="off",
+                   help="same as --checkpointing off")
     p.add_argument("--only", choices=sorted(TRAINERS), action="append", help="run only this trainer (repeatable)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -181,7 +191,7 @@ def main() -> None:
     version = (comfy_dir / "comfyui_version.py").read_text().split('"')[1]
     print(f"ComfyUI {version}, CPU, {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
           f"{args.resolution}px, rank {args.rank}, batch 1, {args.warmup} + {args.steps} steps, fp32, gradient "
-          f"checkpointing {'off' if args.no_checkpointing else 'on'}", flush=True)
+          f"checkpointing {args.checkpointing}", flush=True)
     results = [bench_one(name, comfy_dir, ckpt, args) for name in (args.only or ["loraloop", "builtin"])]
     print(f"\n{'trainer':<10} {'s/step':>8} {'(min)':>7} {'CPU s/step':>11} {'peak RSS MB':>12} {'(sampled)':>10} "
           f"{'extra MB':>9}")

@@ -164,6 +164,76 @@ def test_api_routes(webui):
     assert err.value.status_code == 422 and "no model is loaded" in err.value.detail["error"]
 
 
+def _standin_fastapi() -> dict:
+    """The few FastAPI names api.register uses (fastapi 0.94 in the webui), for environments without FastAPI."""
+    fastapi = types.ModuleType("fastapi")
+    security = types.ModuleType("fastapi.security")
+
+    class Depends:
+        def __init__(self, dependency=None):
+            self.dependency = dependency
+
+    class HTTPException(Exception):
+        def __init__(self, status_code, detail=None, headers=None):
+            super().__init__(status_code, detail)
+            self.status_code, self.detail, self.headers = status_code, detail, headers
+
+    class HTTPBasicCredentials:
+        def __init__(self, username, password):
+            self.username, self.password = username, password
+
+    class HTTPBasic:
+        def __init__(self, auto_error=True):
+            self.auto_error = auto_error
+
+    fastapi.Body = lambda default=None, **_: default
+    fastapi.Depends, fastapi.HTTPException, fastapi.security = Depends, HTTPException, security
+    security.HTTPBasic, security.HTTPBasicCredentials = HTTPBasic, HTTPBasicCredentials
+    return {"fastapi": fastapi, "fastapi.security": security}
+
+
+def _fastapi_signature(call, seen=()):
+    """What FastAPI does when a route is added (fastapi.dependencies.utils.get_typed_signature): every annotation of
+    the endpoint and of its dependencies is resolved, string annotations in the function's own module globals."""
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(call)  # raises NameError for a name only the enclosing function knew
+    for param in inspect.signature(call).parameters.values():
+        dependency = getattr(param.default, "dependency", None)
+        if inspect.isfunction(dependency) and dependency not in seen:
+            _fastapi_signature(dependency, (*seen, call))
+    return hints
+
+
+def test_api_route_annotations_resolve_as_fastapi_reads_them(webui, monkeypatch):
+    """FastAPI resolves string annotations (`from __future__ import annotations`) in the endpoint's module globals;
+    the FastAPI classes api.register imports locally are not there, and the real webui refused the routes with
+    NameError: name 'HTTPBasicCredentials' is not defined."""
+    real = importlib.util.find_spec("fastapi") is not None
+    if not real:
+        for name, module in _standin_fastapi().items():
+            monkeypatch.setitem(sys.modules, name, module)
+    from loraloop.a1111 import api
+
+    class App:
+        def __init__(self):
+            self.hints = {}
+
+        def add_api_route(self, path, endpoint, methods):
+            self.hints[path] = _fastapi_signature(endpoint)
+            if real:
+                from fastapi.routing import APIRoute
+
+                APIRoute(path, endpoint, methods=methods)  # the real thing, where FastAPI is installed
+
+    webui.shared.cmd_opts.api = True
+    app = App()
+    assert api.register(app) is True
+    assert set(app.hints) == {"/loraloop/v1/train", "/loraloop/v1/check-dataset", "/loraloop/v1/status"}
+    assert app.hints["/loraloop/v1/train"]["payload"] is dict
+
+
 def test_forge_is_detected_and_training_disabled(webui, monkeypatch):
     from loraloop.a1111 import actions, forge
 
@@ -185,6 +255,11 @@ def test_the_gradio_tab(webui, monkeypatch):
     assert list(widgets) == list(form.DATASET_FIELDS) + [
         f.name for g in form.groups(fields) for f in fields if f.group == g and f.name not in form.DATASET_FIELDS]
     assert {w.label for w in widgets.values()} == {f.name for f in fields}
+    for f in fields:  # a dropdown for every choice, auto / on / off settings included
+        assert isinstance(widgets[f.name], gr.Dropdown if f.kind == "choice" else gr.components.Component), f.name
+    for name in form.auto_bool_fields():
+        assert widgets[name].value == "auto" and [c[0] if isinstance(c, tuple) else c
+                                                  for c in widgets[name].choices] == ["auto", "on", "off"]
     config = blocks.get_config_file() if hasattr(blocks, "get_config_file") else blocks.config
     hints = [c for c in config["components"] if "loraloop_hints" in str(c.get("props", {}).get("value", ""))]
     assert hints and "Adapter rank" in str(hints[0]["props"]["value"])
@@ -209,3 +284,19 @@ def test_cancel_only_interrupts_a_training_run(webui):
         assert "Cancelling" in TabActions.cancel() and webui.shared.state.interrupted is True
     finally:
         LIVE.finish("done")
+
+
+def test_install_py_keeps_old_webui_pins_working():
+    """A1111 1.10 (transformers 4.30): peft is pinned to 0.13.2 and diffusers is not installed (a current diffusers
+    brings huggingface_hub ≥ 1.0, which breaks the webui's CLIP tokenizer loading); newer hosts get everything."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("loraloop_install", ROOT / "install.py")
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    todo = ["peft>=0.13", "diffusers>=0.30", "pyyaml"]
+    assert install.plan_installs(todo, old_transformers=True) == ["peft==0.13.2", "pyyaml"]
+    assert install.plan_installs(todo, old_transformers=False) == todo
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    names = {re.split(r"[<>=!~ ]", line)[0].lower() for line in lines if line}
+    assert names and not names & {"torch", "torchvision", "xformers", "gradio", "transformers"}

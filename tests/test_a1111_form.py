@@ -182,3 +182,73 @@ def test_plan_with_a_loaded_model_uses_the_engine_planner(webui, tmp_path):
                   max_train_steps=3, vram_budget_gb=8)
     text = TabActions(names).plan(*[values[n] for n in names])
     assert "3 steps" in text and "Memory plan:" in text and "estimated peak" in text, text
+
+
+@pytest.fixture
+def auto_checkpointing(monkeypatch):
+    """The host default of gradient_checkpointing is "auto" (the memory planner decides), whichever engine is here."""
+    from loraloop.a1111 import form
+
+    monkeypatch.setitem(form.TAB_DEFAULTS, "gradient_checkpointing", "auto")
+
+
+def test_a_plannable_bool_defaulting_to_auto_is_an_auto_on_off_dropdown(auto_checkpointing):
+    from loraloop.a1111 import form
+
+    sd1 = (get_family("sd1"), "epsilon", torch.float32)
+    fields = {f.name: f for f in form.form_fields()}
+    gc = fields["gradient_checkpointing"]
+    assert (gc.kind, gc.choices, gc.default) == ("choice", ("auto", "on", "off"), "auto")
+    assert "memory planner" in gc.tooltip and "gradient_checkpointing" in form.auto_bool_fields()
+    assert fields["flip_aug"].kind == "bool"  # not plannable: a checkbox
+    # the tab's defaults keep the engine's `auto` list (it is sent with every run) and add the dropdown's key
+    defaults = form.default_values()
+    assert defaults["auto"] == ", ".join(TrainConfig().auto)
+    config = form.resolve(form.parse_values(defaults), *sd1)
+    assert set(config.auto) == set(TrainConfig().auto) | {"gradient_checkpointing"}
+    for choice, value in (("on", True), ("off", False)):
+        config = form.resolve(form.parse_values({**defaults, "gradient_checkpointing": choice}), *sd1)
+        assert config.gradient_checkpointing is value and "gradient_checkpointing" not in config.auto
+        assert set(config.auto) == set(TrainConfig().auto) - {"gradient_checkpointing"}  # the rest stays planned
+    # "auto" wins over an `auto` list that does not name the key; an empty list plans nothing else
+    config = form.resolve(form.parse_values({**defaults, "auto": "batch_size", "gradient_checkpointing": "auto"}), *sd1)
+    assert config.auto == ["batch_size", "gradient_checkpointing"]
+    config = form.resolve(form.parse_values({**defaults, "auto": "", "gradient_checkpointing": "off"}), *sd1)
+    assert config.auto == [] and config.gradient_checkpointing is False
+    # API values without an `auto` list: a bool is an explicit choice, "auto" hands the key to the planner
+    assert "gradient_checkpointing" not in form.resolve(form.parse_values({"gradient_checkpointing": True}), *sd1).auto
+    assert "gradient_checkpointing" in form.resolve(form.parse_values({"gradient_checkpointing": "auto"}), *sd1).auto
+    assert "cache_latents" in form.resolve(form.parse_values({"cache_latents": "auto"}), *sd1).auto
+    with pytest.raises(ConfigError) as err:
+        form.parse_values({"gradient_checkpointing": "sometimes"})
+    assert err.value.key == "gradient_checkpointing"
+
+
+def test_auto_on_off_through_yaml(auto_checkpointing):
+    from loraloop.a1111 import form
+
+    planned = TrainConfig(auto=["batch_size", "gradient_checkpointing"])
+    assert form.config_to_values(planned)["gradient_checkpointing"] == "auto"
+    values, _ = form.values_from_yaml(form.export_yaml(planned))
+    assert values["gradient_checkpointing"] == "auto" and values["auto"] == "batch_size, gradient_checkpointing"
+    values, _ = form.values_from_yaml(form.export_yaml(TrainConfig(auto=[], gradient_checkpointing=True)))
+    assert values["gradient_checkpointing"] == "on"
+    values, _ = form.values_from_yaml("gradient_checkpointing: auto\n")
+    assert values == {"gradient_checkpointing": "auto"}
+    values, _ = form.values_from_yaml("auto: [batch_size]\n")  # the list decides the dropdown too
+    assert values == {"auto": "batch_size", "gradient_checkpointing": "off"}
+    # values entered without a model export YAML the CLI reads back with the same plan
+    exported = yaml.safe_load(form.export_unresolved(form.parse_values(form.default_values())))
+    assert exported["gradient_checkpointing"] == "auto" and "gradient_checkpointing" in exported["auto"]
+
+
+def test_a_checkbox_default_stays_a_checkbox(monkeypatch):
+    """Before the engine's host default became "auto" (or if it goes back to a bool), the setting is a checkbox."""
+    from loraloop.a1111 import form
+
+    monkeypatch.setitem(form.TAB_DEFAULTS, "gradient_checkpointing", True)
+    field = {f.name: f for f in form.form_fields()}["gradient_checkpointing"]
+    assert (field.kind, field.default) == ("bool", True) and form.auto_bool_fields() == ()
+    config = form.resolve(form.parse_values({**form.default_values(), "gradient_checkpointing": True}),
+                          get_family("sd1"), "epsilon", torch.float32)
+    assert config.gradient_checkpointing is True

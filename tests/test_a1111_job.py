@@ -307,14 +307,15 @@ def test_names_never_overwrite_unless_asked(webui, tmp_path):
 
 
 def test_runs_on_torch_without_amp_grad_scaler(webui, dataset, monkeypatch):
-    """The webui's default torch 2.1.2 has no torch.amp.GradScaler (added in 2.3), which the engine's loop uses."""
+    """The webui's default torch 2.1.2 has no torch.amp.GradScaler (added in 2.3): the engine's loop falls back to
+    torch.cuda.amp.GradScaler by itself, and the extension adds nothing to torch."""
     from loraloop.a1111 import job
 
     model = webui.load(models.build_sd("sd1"))
     clean = snapshot(model)
     monkeypatch.delattr(torch.amp, "GradScaler")  # after the model is built: its imports cached
     result = job.run_training(tab_values(webui, dataset, output_name="old_torch", max_train_steps=1))
-    assert result.steps == 1 and hasattr(torch.amp, "GradScaler")
+    assert result.steps == 1 and not hasattr(torch.amp, "GradScaler")
     assert_identical(model, clean)
 
 
@@ -332,3 +333,46 @@ def test_memory_plan_refuses_what_cannot_fit_before_touching_the_model(webui, da
     result = job.run_training(tab_values(webui, dataset, output_name="m", vram_budget_gb=64, max_train_steps=1))
     assert result.steps == 1 and any(t.startswith("memory plan:") for t in webui.shared.state.textinfo_history)
     assert_identical(model, clean)
+
+
+def test_text_encoder_stays_when_its_outputs_are_not_cached(webui, dataset):
+    """cache_text_encoder_outputs: false encodes captions every step, so the text encoder must stay on the device:
+    only what prepare_batches really cached may leave it."""
+    import dataclasses
+
+    from loraloop.a1111 import job
+    from loraloop.trainer.config import TrainConfig
+
+    if "cache_text_encoder_outputs" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        pytest.skip("this engine has no cache_text_encoder_outputs")
+    model = webui.load(models.build_sd("sd1"))
+    clean = snapshot(model)
+    result = job.run_training(tab_values(webui, dataset, output_name="no_text_cache", max_train_steps=1,
+                                         cache_text_encoder_outputs=False))
+    assert result.steps == 1 and result.offloaded == ["VAE"]
+    assert_identical(model, clean)
+    result = job.run_training(tab_values(webui, dataset, output_name="text_cache", max_train_steps=1))
+    assert result.offloaded == ["text encoder", "VAE"]
+
+
+def test_cancel_while_caching_latents_is_a_clean_cancel(webui, dataset, monkeypatch):
+    from loraloop.a1111 import form
+    from loraloop.a1111.actions import TabActions
+
+    from loraloop.a1111.bundle import WebuiBundle
+
+    model = webui.load(models.build_sd("sd1"))
+    clean = snapshot(model)
+    encode = WebuiBundle.encode_images
+
+    def cancel_on_first_image(self, pixels):
+        webui.shared.state.interrupt()  # Cancel pressed while the first latent is encoded
+        return encode(self, pixels)
+
+    monkeypatch.setattr(WebuiBundle, "encode_images", cancel_on_first_image)
+    names = [f.name for f in form.form_fields()]
+    values = tab_values(webui, dataset, output_name="early", max_train_steps=5)
+    _, preview, html = TabActions(names).train_job()("task(x)", *[values[n] for n in names])
+    assert "ancelled" in html and "failed" not in html.lower() and preview is None
+    assert_identical(model, clean)
+    assert not list(webui.lora_dir.glob("early*"))

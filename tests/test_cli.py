@@ -114,3 +114,11 @@ def test_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 0
+
+
+def test_config_explain_shows_cache_text_encoder_outputs(tmp_path, capsys):
+    """`config --explain` lists the text-cache switch with its value, source and help."""
+    cfg = write(tmp_path / "c.yaml", "cache_text_encoder_outputs: false\n")
+    assert main(["config", "--explain", str(cfg)]) == 0
+    line = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}["cache_text_encoder_outputs"]
+    assert "False" in line and f"[{cfg}]" in line and "Encode each caption once" in line

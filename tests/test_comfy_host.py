@@ -54,7 +54,7 @@ def test_family_detection():
 def test_predict_converts_x0_to_the_native_prediction(kind):
     """apply_model returns x0 given sigma; predict must return exactly what the UNet itself predicts (eps or v)."""
     patcher, _, _ = stub_models.build(kind)
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():  # weights are inference tensors that require grad (0.12.3)
         bundle = ComfyBundle(patcher, None, None)
         gen = torch.Generator().manual_seed(0)
         noisy = torch.randn(3, 4, 8, 8, generator=gen)
@@ -71,7 +71,7 @@ def test_predict_converts_x0_to_the_native_prediction(kind):
 
 def test_sdxl_predict_passes_adm():
     patcher, clip, _ = stub_models.build("sdxl")
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():
         bundle = ComfyBundle(patcher, clip, None)
         cond = bundle.encode_text(["a cat", "a dog"])
         assert cond.context.shape == (2, 77, 64) and cond.pooled.shape == (2, 32)
@@ -233,3 +233,103 @@ def test_progress_reaches_the_node(host):
     texts = [d["text"] for e, d, _ in server.PromptServer.instance.messages if e == "progress_text"]
     assert any(t.startswith("step 3/3 · loss ") and "ETA" in t for t in texts)
     assert [u[0] for u in comfy.utils.updates if u[3] == "7"][-1] == 3
+
+
+@pytest.mark.parametrize(("kind", "prefixes"), [("sd15", {"lora_te"}), ("sdxl", {"lora_te1", "lora_te2"})])
+def test_text_encoder_training_inside_comfyui(host, kind, prefixes):
+    """train_text_encoder: the CLIP's text models get adapters, captions are encoded through them with autograd every
+    step, the LoRA holds kohya lora_te names that ComfyUI applies to the CLIP clone, and both the UNet and the CLIP
+    are handed back bit-identical."""
+    patcher, clip, vae = stub_models.build(kind)
+    unet_snap, clip_snap = snapshot(patcher.model.diffusion_model), snapshot(clip.cond_stage_model)
+    config = node_config({**FAST, "max_train_steps": 2, "train_text_encoder": True, "text_encoder_lr": 1e-2,
+                          "sample_prompts": "flatstyle, a star", "sample_steps": 2})
+    with torch.inference_mode():
+        run = train_lora(patcher, clip, vae, dataset(host), config, name="style", node_id="7")
+    assert_unchanged(patcher.model.diffusion_model, unet_snap)
+    assert_unchanged(clip.cond_stage_model, clip_snap)
+    te = {k for k in run.lora if k.startswith("lora_te")}
+    assert {k.split("_text_model_")[0] for k in te} == prefixes
+    layer = next(iter(sorted(prefixes)))
+    up = run.lora[f"{layer}_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"]
+    assert up.abs().max() > 0  # trained: lora_up starts at zero
+    n_layers = clip.cond_stage_model.items()[0][1].config.num_hidden_layers
+    assert len([k for k in te if k.startswith(layer + "_") and k.endswith(".lora_down.weight")]) == 6 * n_layers
+    assert run.clip is not clip and {s.split("_text_model_")[0] for s in run.clip.patcher.patches} == prefixes
+    assert not clip.patcher.patches
+
+
+def test_text_encoder_lora_continues_only_with_train_text_encoder(host):
+    from loraloop.trainer.errors import LoraFileError
+
+    patcher, clip, vae = stub_models.build("sd15")
+    config = node_config({**FAST, "max_train_steps": 1, "train_text_encoder": True})
+    with torch.inference_mode():
+        first = train_lora(patcher, clip, vae, dataset(host), config, name="te", node_id="7")
+    from loraloop.trainer.lorafile import save_lora
+
+    save_lora(host / "models" / "loras" / "te.safetensors", dict(first.lora), first.lora.metadata)
+    with torch.inference_mode(), pytest.raises(LoraFileError, match="turn on train_text_encoder"):
+        train_lora(patcher, clip, vae, dataset(host), node_config({**FAST, "resume_lora": "te.safetensors"}),
+                   name="te2", node_id="7")
+    with torch.inference_mode():
+        again = train_lora(patcher, clip, vae, dataset(host),
+                           node_config({**FAST, "max_train_steps": 1, "train_text_encoder": True,
+                                        "resume_lora": "te.safetensors"}), name="te2", node_id="7")
+    assert set(again.lora) == set(first.lora)
+
+
+class _InPlaceResidualLayer(torch.nn.Module):
+    """The residual pattern of ComfyUI 0.12.3's CLIPLayer (comfy/clip_model.py): `x += f(norm(x))`, in place."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.layer_norm1, self.layer_norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.attn, self.mlp = torch.nn.Linear(width, width), torch.nn.Linear(width, width)
+
+    def forward(self, x, in_place=True):
+        if not in_place:
+            return x + self.attn(self.layer_norm1(x)) + self.mlp(self.layer_norm2(x + self.attn(self.layer_norm1(x))))
+        x += self.attn(self.layer_norm1(x))
+        x += self.mlp(self.layer_norm2(x))
+        return x
+
+
+def test_autograd_runs_through_in_place_residuals_and_leaves_no_hooks():
+    from loraloop.comfy.host import autograd_safe_residuals
+
+    torch.manual_seed(0)
+    layer = _InPlaceResidualLayer()
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        layer(x * 1).sum().backward()
+    x.grad = None
+    with autograd_safe_residuals([layer]) as hooked:
+        layer(x * 1).sum().backward()
+    assert hooked == 2
+    got = x.grad.clone()
+    x.grad = None
+    layer(x, in_place=False).sum().backward()
+    assert torch.allclose(got, x.grad, atol=1e-6)
+    assert all(not m._forward_pre_hooks for m in layer.modules())
+
+
+def test_cancel_while_caching_latents_is_a_comfyui_interrupt(host):
+    patcher, clip, vae = stub_models.build("sd15")
+    snap = snapshot(patcher.model.diffusion_model)
+    mm.interrupt_current_processing(True)  # Cancel pressed before the first image is encoded
+    with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+        train_lora(patcher, clip, vae, dataset(host), node_config(FAST), name="style", node_id="7")
+    assert vae.encode_calls == 0 and all(memory != 1e20 for _, memory, _ in mm.load_calls)  # UNet never loaded
+    assert_unchanged(patcher.model.diffusion_model, snap)
+    assert not list((host / "models" / "loras").glob("*.safetensors"))
+
+
+def test_uncached_text_keeps_the_clip_loaded_beside_the_unet(host):
+    patcher, clip, vae = stub_models.build("sd15")
+    with torch.inference_mode():
+        train_lora(patcher, clip, vae, dataset(host),
+                   node_config({**FAST, "max_train_steps": 1, "cache_text_encoder_outputs": False}), name="s",
+                   node_id="7")
+    (models,) = [m for m, memory, _ in mm.load_calls if memory == 1e20]  # the load for training
+    assert clip.patcher in models and patcher in models

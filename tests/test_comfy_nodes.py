@@ -39,8 +39,8 @@ def schemas():
 
 def test_schemas_validate_with_prefixed_ids_tooltips_and_one_category(host):
     found = schemas()
-    assert [s.display_name for s in found] == ["LoadDataset", "Caption", "LoRATrainConfig", "TrainLoRA", "SaveLoRA",
-                                               "LoRAPrompt"]
+    assert [s.display_name for s in found] == ["LoadDataset", "Caption", "LoRATrainConfig", "MemoryPlan", "TrainLoRA",
+                                               "SaveLoRA", "LoRAPrompt"]
     for s in found:
         assert s.node_id.startswith("LoRALoop_") and s.node_id not in CORE_IDS
         assert s.category == "LoRA Loop" and s.description
@@ -198,3 +198,112 @@ def test_dynamic_vram_patcher_is_loaded_without_full_load(host):
 def test_lora_tags(text, clean, tags):
     got_clean, got = parse_lora_tags(text)
     assert got_clean == clean and [(t.name, t.unet, t.te) for t in got] == tags
+
+
+def _dataset_and_config(**widgets):
+    dataset = run_node(nodes.LoadDataset, folder="style", recursive=False, caption_extension=".txt").args[0]
+    defaults = {i.id: i.default for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs if i.default is not None}
+    config = run_node(nodes.LoRATrainConfig, **{**defaults, **FAST, **widgets}).args[0]
+    return dataset, config
+
+
+def test_gradient_checkpointing_is_auto_on_off_and_auto_goes_to_the_planner(host):
+    spec = next(i for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs if i.id == "gradient_checkpointing")
+    assert spec.as_dict()["options"] == ["auto", "on", "off"] and spec.default == "auto"
+    from loraloop.trainer.families import get_family
+
+    def resolved(value):
+        _, config = _dataset_and_config(gradient_checkpointing=value)
+        return config.resolve(get_family("sd1"), "epsilon", torch.float32)
+
+    auto, on, off = resolved("auto"), resolved("on"), resolved("off")
+    assert "gradient_checkpointing" in auto.auto and {"batch_size", "accumulation_steps"} <= set(auto.auto)
+    assert on.gradient_checkpointing is True and "gradient_checkpointing" not in on.auto
+    assert off.gradient_checkpointing is False and "gradient_checkpointing" not in off.auto
+    assert "resolution" not in auto.auto and "lora_rank" not in auto.auto  # what is learned is the user's choice
+
+
+def _plan_text(model, dataset, config):
+    return run_node(nodes.MemoryPlan, model=model, dataset=dataset, config=config).args[0]
+
+
+def test_memory_plan_node_shows_the_plan_and_follows_the_free_memory(host):
+    """Plenty of free memory: the planner leaves checkpointing off (faster); little: it turns it on and says why."""
+    import comfy.model_management as mm
+
+    model, clip, vae = stub_models.build("sd15")
+    dataset, config = _dataset_and_config(gradient_checkpointing="auto", resolution=512, min_bucket_reso=256,
+                                          max_bucket_reso=512)
+    mm.FREE_MEMORY = 64 * 2**30
+    roomy = _plan_text(model, dataset, config)
+    assert "estimated peak" in roomy and "seconds per step" in roomy and "fits" in roomy
+    assert "gradient_checkpointing False" in roomy and "changed:           nothing" in roomy
+    mm.FREE_MEMORY = int(1.4 * 2**30)  # SD1.5 at 512 px with the weights resident: fits only with checkpointing
+    tight = _plan_text(model, dataset, config)
+    assert "gradient_checkpointing True" in tight and "gradient_checkpointing: False → True" in tight, tight
+    assert mm.load_calls == []  # planning loads nothing
+
+
+def test_train_lora_that_cannot_fit_stops_before_encoding_with_advice(host):
+    import comfy.model_management as mm
+
+    model, clip, vae = stub_models.build("sd15")
+    dataset, config = _dataset_and_config(gradient_checkpointing="off")
+    mm.FREE_MEMORY = 50 * 2**20
+    calls = []
+    vae.encode = lambda *a, **k: calls.append("encode")
+    from loraloop.comfy.planning import OutOfMemory
+
+    with pytest.raises(OutOfMemory, match=r"does not fit in the 0\.05 GB.*widgets set to 'auto'") as info:
+        run_node(nodes.TrainLoRA, model=model, clip=clip, vae=vae, dataset=dataset, config=config, name="x",
+                 save_on_cancel=False)
+    assert "free" in str(info.value) and calls == [] and mm.load_calls == []
+
+
+def test_train_lora_applies_the_plan_and_reports_it(host):
+    import comfy.model_management as mm
+    import server
+
+    model, clip, vae = stub_models.build("sd15")
+    dataset, config = _dataset_and_config(gradient_checkpointing="auto", max_train_steps=1, resolution=192,
+                                          max_bucket_reso=192)
+    mm.FREE_MEMORY = int(0.2 * 2**30)  # an SD1.5 plan at 192 px: 0.28 GB without checkpointing, 0.09 GB with
+    out = run_node(nodes.TrainLoRA, model=model, clip=clip, vae=vae, dataset=dataset, config=config, name="p",
+                   save_on_cancel=False)
+    shown = out.ui.as_dict()["text"][0]
+    texts = [m for m in server.PromptServer.instance.messages if "memory plan" in str(m)]
+    assert texts, "the plan is sent to the node as progress text"
+    assert "memory plan" in shown and "gradient_checkpointing True" in shown
+    assert json.loads(out.args[0].metadata["ss_gradient_checkpointing"].lower()) is True
+
+
+def test_training_runs_attention_through_sdpa_via_the_override(host):
+    """ComfyUI's CPU default is sub-quadratic attention (slow backward; sage/flash builds may have none): the bundle
+    asks for PyTorch SDPA through transformer_options["optimized_attention_override"] while it trains."""
+    from comfy.ldm.modules import attention
+
+    from loraloop.comfy.host import ComfyBundle
+    from loraloop.trainer.bundle import Conditioning
+
+    model, _, _ = stub_models.build("sd15")
+    with torch.inference_mode(False), torch.no_grad():
+        bundle = ComfyBundle(model, None, None)
+        bundle.predict(torch.randn(1, 4, 8, 8), torch.tensor([10]), Conditioning(torch.randn(1, 77, 32)))
+    options = bundle.base_model.last_transformer_options
+    override = options["optimized_attention_override"]
+    q, k, v = (torch.randn(2, 16, 64) for _ in range(3))
+    attention.calls.clear()
+    got = attention.optimized_attention(q, k, v, 4, transformer_options=options)
+    want = attention.attention_sub_quad(q, k, v, 4)
+    assert attention.calls == ["pytorch", "sub_quad"] and torch.allclose(got, want, atol=1e-5)
+    assert callable(override)
+
+
+def test_load_dataset_scans_the_folder_once(host, monkeypatch):
+    from loraloop.trainer.data import report as report_module
+
+    calls = []
+    real = report_module.scan_dataset
+    monkeypatch.setattr(report_module, "scan_dataset", lambda options: calls.append(options) or real(options))
+    out = run_node(nodes.LoadDataset, folder="style", recursive=False, caption_extension=".txt")
+    assert len(calls) == 1 and "12 images" in out.args[1]

@@ -202,7 +202,8 @@ def shrink_for_cpu(prompt: dict, ckpt: str) -> dict:
     assert config["sample_prompts"] == POSITIVE and config["seed"] == 42 and config["resume_lora"] == "[none]"
     # one in-training preview (at the last step) and the final preview, 1 sampling step each
     config.update(resolution=RESOLUTION, min_bucket_reso=RESOLUTION, max_train_steps=TRAIN_STEPS,
-                  sample_every_n_steps=TRAIN_STEPS, sample_steps=1, learning_rate=1e-3, lr_warmup_steps=0)
+                  sample_every_n_steps=TRAIN_STEPS, sample_steps=1, learning_rate=1e-3, lr_warmup_steps=0,
+                  train_text_encoder=True, text_encoder_lr=1e-3)  # the CLIP trains too: its keys must load as well
     for latent in by_type["EmptyLatentImage"]:
         latent.update(width=RESOLUTION, height=RESOLUTION)
     for sampler in by_type["KSampler"]:
@@ -220,7 +221,7 @@ def test_every_node_registered_and_no_import_error(server, object_info):
     # Read from the source, not by importing: in a full run the stand-in's folder_paths may already be imported here.
     source = (ROOT / "loraloop" / "comfy" / "nodes.py").read_text()
     expected = {"LoRALoop_" + m for m in re.findall(r'node_id=PREFIX \+ "(\w+)"', source)}
-    assert len(expected) == 6
+    assert len(expected) == 7
     assert expected == {k for k in object_info if k.startswith("LoRALoop_")}
     for node_id in expected:
         assert object_info[node_id]["python_module"] == "custom_nodes.loraloop"
@@ -268,6 +269,13 @@ def test_training_example_runs_and_saves_a_lora(run):
     assert (run.server.base / "models" / "loras" / "flatstyle.safetensors").is_file()
     assert (run.server.base / "models" / "loras" / "flatstyle.json").is_file()
     assert "lora key not loaded" not in train["log"]  # TrainLoRA applies the LoRA to its MODEL output itself
+    assert any("memory plan:" in t and "estimated peak" in t for t in texts), texts  # MemoryPlan and TrainLoRA
+    from safetensors import safe_open
+
+    with safe_open(str(run.server.base / "models" / "loras" / "flatstyle.safetensors"), framework="pt") as fh:
+        keys = set(fh.keys())
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
+    assert any(k.startswith("lora_unet_") for k in keys)
     images = [i for out in outputs.values() for i in out.get("images", [])]
     assert images, "no image from the example's KSampler/PreviewImage"
 

@@ -248,3 +248,20 @@ def test_every_field_has_help_and_valid_default():
     for key, meta in field_help().items():
         assert meta["help"], key
     TrainConfig().validate()
+
+
+class TestCacheTextEncoderOutputs:
+    def test_default_on_and_planned(self):
+        """On by default, and one of the keys the planner may choose."""
+        config = TrainConfig()
+        assert config.cache_text_encoder_outputs is True and "cache_text_encoder_outputs" in config.auto
+
+    def test_explicit_value_leaves_auto(self, tmp_path):
+        """`false` in a YAML is the user's decision: the value is kept and the key leaves `auto`."""
+        config = load_config(write(tmp_path, "c.yaml", "cache_text_encoder_outputs: false\n"))
+        assert config.cache_text_encoder_outputs is False and "cache_text_encoder_outputs" not in config.auto
+
+    def test_sd_scripts_toml_key(self, tmp_path):
+        """sd-scripts spells it the same; a TOML carries it over instead of listing it as ignored."""
+        config = load_config(write(tmp_path, "k.toml", "cache_text_encoder_outputs = false\n"))
+        assert config.cache_text_encoder_outputs is False

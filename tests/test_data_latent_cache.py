@@ -131,3 +131,39 @@ def test_corrupt_disk_entry_is_reencoded(root: Path, tmp_path: Path) -> None:
     encoder = CountingEncoder()
     LatentCache(encoder, encoder_id="e", options=ds.options, cache_dir=cache_dir).get(ds, 0)
     assert encoder.images == 1
+
+
+class TestPrepareCancel:
+    def test_cancel_stops_within_one_image_and_keeps_what_was_encoded(self, root: Path, tmp_path: Path) -> None:
+        """Cancel after the first image: prepare raises TrainingInterrupted before encoding a second one; the first
+        image's entry stays on disk, so a restarted run does not encode it again."""
+        from loraloop.trainer.errors import TrainingInterrupted
+
+        ds = TrainDataset.from_options(opts(root))
+        encoder = CountingEncoder()
+        cache = LatentCache(encoder, encoder_id="fake-vae", options=ds.options, cache_dir=tmp_path / "cache")
+        with pytest.raises(TrainingInterrupted, match=r"cancelled while caching latents \(1 of 3 images encoded"):
+            cache.prepare(ds, batch_size=1, should_stop=lambda: encoder.images >= 1)
+        assert encoder.images == 1
+        assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+        again = CountingEncoder()
+        LatentCache(again, encoder_id="fake-vae", options=ds.options, cache_dir=tmp_path / "cache").prepare(ds)
+        assert again.images == 2  # only the two images the cancelled run never reached
+
+    def test_cancel_inside_a_batch_is_seen_before_the_next_image(self, root: Path) -> None:
+        """With a batch of several images, the stop request is asked before each image is loaded, not per batch."""
+        from loraloop.trainer.errors import TrainingInterrupted
+
+        ds = TrainDataset.from_options(opts(root))
+        asked = []
+
+        def should_stop() -> bool:
+            asked.append(1)
+            return len(asked) >= 2  # the user cancels while the first image of a batch is being loaded
+
+        encoder = CountingEncoder()
+        with pytest.raises(TrainingInterrupted):
+            LatentCache(encoder, encoder_id="fake-vae", options=ds.options).prepare(ds, batch_size=8,
+                                                                                   should_stop=should_stop)
+        assert encoder.images == 0 and len(asked) == 2

@@ -50,3 +50,19 @@ def test_trigger_policy_needs_trigger_word(tmp_path: Path) -> None:
         DatasetOptions(train_data_dir=tmp_path, missing_caption="trigger")
     assert err.value.key == "trigger_word"
     DatasetOptions(train_data_dir=tmp_path, missing_caption="trigger", trigger_word="sks")
+
+
+class TestBucketLimits:
+    def test_unchecked_without_buckets(self, tmp_path: Path) -> None:
+        """enable_bucket false: min/max_bucket_reso are unused, so a 128-px run with the 256 default is accepted."""
+        options = DatasetOptions(train_data_dir=tmp_path, resolution=128, min_bucket_reso=256, max_bucket_reso=64,
+                                 enable_bucket=False)
+        assert options.min_bucket_reso == 256
+
+    def test_checked_with_buckets(self, tmp_path: Path) -> None:
+        """The same limits with buckets on name min_bucket_reso and its allowed range."""
+        with pytest.raises(ConfigError) as err:
+            DatasetOptions(train_data_dir=tmp_path, resolution=128, min_bucket_reso=256, enable_bucket=True)
+        assert err.value.key == "min_bucket_reso"
+        assert str(err.value) == ("dataset option min_bucket_reso = 256 is not allowed; expected an integer from 64 "
+                                  "to 128")

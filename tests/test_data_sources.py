@@ -406,3 +406,13 @@ def test_root_named_like_repeat_folder_and_orphan_captions(tmp_path: Path) -> No
     assert (record.repeats, record.group) == (5, "5_solo")
     (problem,) = scan.problems
     assert problem.path.name == "gone.txt" and "no image named gone" in problem.reason and not problem.fatal
+
+
+def test_small_images_are_kept_without_buckets(tmp_path: Path) -> None:
+    """min_bucket_reso only skips images when buckets are on; without, every image is resized to the square."""
+    img(tmp_path / "small.png", (40, 300))
+    flat = scan_dataset(opts(tmp_path, enable_bucket=False, min_bucket_reso=256, missing_caption="trigger",
+                             trigger_word="t"))
+    assert [r.path.name for r in flat.records] == ["small.png"]
+    bucketed = scan_dataset(opts(tmp_path, missing_caption="trigger", trigger_word="t"))
+    assert bucketed.records == []

@@ -124,3 +124,37 @@ def test_fit_advice_names_settings_and_memory():
 
     text = fit_advice(TrainConfig(family="sdxl", base_model="model.safetensors", resolution=1024), free=8 * GIB)
     assert "resolution" in text and "GB" in text
+
+
+class TestTextCache:
+    """`cache_text_encoder_outputs`: the planner's `cache_text` lever reads and writes the config field."""
+
+    def test_explicit_off_is_kept_when_not_auto(self, infos):
+        """The user's `false` (key not in auto) stays: text encoders resident, no change, apply keeps false."""
+        p = plan(infos, "sd1", 512, 8, auto=ALL - {"cache_text_encoder_outputs"}, cache_text_encoder_outputs=False)
+        assert p.fits and not p.shape.cache_text and p.memory.parts["weights_text_encoders"] > 0
+        assert "cache_text_encoder_outputs" not in {c.key for c in p.changes}
+        config = p.apply(TrainConfig(family="sd1", cache_text_encoder_outputs=False))
+        assert config.cache_text_encoder_outputs is False
+
+    def test_auto_turns_it_on_and_says_why(self, infos):
+        """In auto the planner caches whenever captions allow: a change with a reason, and apply writes it."""
+        p = plan(infos, "sd1", 512, 8, cache_text_encoder_outputs=False)
+        change = next(c for c in p.changes if c.key == "cache_text_encoder_outputs")
+        assert (change.old, change.new) == (False, True)
+        assert change.reason.startswith("encodes every caption once; the text encoders leave the device")
+        assert p.shape.cache_text and p.memory.parts["weights_text_encoders"] == 0
+        assert p.apply(TrainConfig(family="sd1", cache_text_encoder_outputs=False)).cache_text_encoder_outputs
+
+    def test_dynamic_captions_rule_it_out_without_rewriting_the_switch(self, infos):
+        """Shuffled captions cannot be cached: the shape says so, the user's `true` stays in the applied config."""
+        p = plan(infos, "sd1", 512, 8, shuffle_caption=True)
+        assert not p.shape.cache_text
+        assert "cache_text_encoder_outputs" not in {c.key for c in p.changes}
+        assert p.apply(TrainConfig(family="sd1", shuffle_caption=True)).cache_text_encoder_outputs is True
+
+    def test_run_shape_from_config_reads_the_field(self):
+        from loraloop.trainer.memory.estimate import RunShape
+
+        assert RunShape.from_config(TrainConfig(), "sd1").cache_text
+        assert not RunShape.from_config(TrainConfig(cache_text_encoder_outputs=False), "sd1").cache_text

@@ -67,9 +67,9 @@ def make_config(dataset_dir, **kw) -> TrainConfig:
     return TrainConfig(**base).validate()
 
 
-def run(tiny_sd1, config, monkeypatch, limits: dict[int, float | None]):
+def run(tiny_sd1, config, monkeypatch, limits: dict[int, float | None], memory: FakeMemory | None = None):
     """Train with OOM recovery; `limits[k]` is the fake memory from step k+1 on. Returns (result, order, recovery)."""
-    memory = FakeMemory()
+    memory = memory or FakeMemory()
     memory.limit = limits.get(0)
     attempt: list[tuple[int, int]] = []
     order: list[list[tuple[int, int]]] = []
@@ -85,7 +85,6 @@ def run(tiny_sd1, config, monkeypatch, limits: dict[int, float | None]):
     batches.micro_batch = logged
     info = RunInfo()
     recovery = OomRecovery(bundle, batches, config, run=info)
-    monkeypatch.setattr(loop, "_optimizer_step", recovery.wrap(loop._optimizer_step))
 
     def on_step_end(step, network):
         order.append(list(attempt))
@@ -93,8 +92,7 @@ def run(tiny_sd1, config, monkeypatch, limits: dict[int, float | None]):
         if step in limits:
             memory.limit = limits[step]
 
-    with recovery:
-        result = loop.train(bundle, batches, config, run=info, on_step_end=recovery.wrap_callback(on_step_end))
+    result = loop.train(bundle, batches, config, run=info, on_step_end=on_step_end, recovery=recovery)
     return result, order, recovery
 
 
@@ -202,3 +200,86 @@ class TestLevers:
         shrink_rank(layer, 4)
         assert layer.r["default"] == 4 and layer.lora_A["default"].weight.shape == (4, 16)
         assert torch.allclose(before, tuned.model(x), atol=1e-4)
+
+
+class FakeBitsAndBytes:
+    """A stand-in `bitsandbytes` module: `optim.AdamW8bit` is torch's AdamW that records every instance it builds."""
+
+    def __init__(self) -> None:
+        import importlib.machinery
+        import types
+
+        built: list[torch.optim.Optimizer] = []
+
+        class AdamW8bit(torch.optim.AdamW):
+            def __init__(self, params, **kwargs):
+                super().__init__(params, **kwargs)
+                self.steps_taken = 0
+                built.append(self)
+
+            def step(self, closure=None):
+                self.steps_taken += 1
+                return super().step(closure)
+
+        self.built = built
+        self.module = types.ModuleType("bitsandbytes")
+        # importlib.util.find_spec (optim.available) reads the spec of a module already in sys.modules.
+        self.module.__spec__ = importlib.machinery.ModuleSpec("bitsandbytes", None)
+        self.module.optim = types.SimpleNamespace(AdamW8bit=AdamW8bit)
+
+
+class OptimizerBound(FakeMemory):
+    """Only 8-bit optimizer state fits: every forward is out of memory until an AdamW8bit exists."""
+
+    def __init__(self, fake_bnb: FakeBitsAndBytes) -> None:
+        super().__init__()
+        self.fake_bnb = fake_bnb
+
+    def needs(self, noisy, unet):
+        return 0.5 if self.fake_bnb.built else 2.0
+
+
+def run_optimizer_bound(tiny_sd1, config, monkeypatch, fake_bnb, oom_from_step: int):
+    """`run` with the memory of `OptimizerBound`, out of memory from 0-based step `oom_from_step` on."""
+    return run(tiny_sd1, config, monkeypatch, {oom_from_step: 1.0}, memory=OptimizerBound(fake_bnb))
+
+
+class TestEightBitOptimizer:
+    def test_ladder_switches_to_adamw8bit_and_carries_on(self, tiny_sd1, demo_dataset, monkeypatch):
+        """OOM from step 3 that only 8-bit state cures: checkpointing, then AdamW8bit; the run finishes every step
+        in the same data order, the new optimizer does the remaining steps, and metadata and state say so."""
+        import sys
+
+        config = make_config(demo_dataset, batch_size=1, max_train_steps=4)
+        reference, reference_order = baseline(tiny_sd1, config, monkeypatch)
+        fake = FakeBitsAndBytes()
+        monkeypatch.setitem(sys.modules, "bitsandbytes", fake.module)
+        result, order, recovery = run_optimizer_bound(tiny_sd1, config, monkeypatch, fake, oom_from_step=2)
+
+        assert [a.rung for a in recovery.adjustments] == ["gradient_checkpointing", "optimizer"]
+        assert len(fake.built) == 1 and recovery.optimizer is fake.built[0]
+        assert fake.built[0].steps_taken == 2  # steps 3 and 4 (the third is redone after the switch)
+        assert result.steps == 4 and len(result.losses) == 4
+        assert order == reference_order
+        assert result.losses[:2] == reference.losses[:2]  # identical until the switch
+        changes = json.loads(result.metadata["loraloop_changes"])
+        assert changes[-1].startswith("step 3: out of memory") and \
+            changes[-1].endswith("optimizer adamw → adamw8bit (state restarted)")
+        assert result.metadata["ss_optimizer"] == "adamw8bit"
+        assert result.config.optimizer == "adamw8bit" and result.config.gradient_checkpointing
+        assert result.train_state.config["optimizer"] == "adamw8bit"
+        params = {id(p) for g in fake.built[0].param_groups for p in g["params"]}
+        assert len(result.train_state.optimizer["state"]) == len(params)  # the saved state is the 8-bit one's
+
+    def test_without_bitsandbytes_the_rung_is_skipped_with_a_log_line(self, tiny_sd1, demo_dataset, monkeypatch,
+                                                                      caplog):
+        """bitsandbytes absent: no crash at that rung; the ladder logs the skip and goes on to smaller buckets."""
+        import sys
+
+        monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails, find_spec says absent
+        config = make_config(demo_dataset, batch_size=1, max_train_steps=2)
+        fake = FakeBitsAndBytes()  # never installed: the memory never fits
+        with caplog.at_level("INFO", logger="loraloop.trainer.memory.recovery"), pytest.raises(OutOfMemoryGiveUp):
+            run_optimizer_bound(tiny_sd1, config, monkeypatch, fake, oom_from_step=0)
+        assert "OOM ladder: 8-bit optimizer skipped (bitsandbytes is not installed)" in caplog.messages
+        assert not any("adamw8bit" in m for m in caplog.messages if m.startswith("out of memory"))

@@ -7,6 +7,6 @@ Entry point: scripts/loraloop_tab.py → `entry.register`. Modules:
   form     the tab's fields from TrainConfig's metadata; widget ⇄ config ⇄ YAML
   actions  the tab's button handlers (no Gradio); ui: the Gradio layout; api: /loraloop/v1/* routes
   sink     progress into shared.state; captions: caption tools; plan: run plan (+ memory planner placeholder)
-  forge    Forge detection and what is not supported there; compat: torch < 2.3 (the webui's 2.1.2)
+  forge    Forge detection and what is not supported there
 Importing this package never imports the webui or Gradio.
 """

@@ -7,13 +7,15 @@
   GET  /loraloop/v1/status         → the running job: step, total, losses, text
 Values follow the tab's conventions: "auto" / 0 resolution follow the loaded model; 0 or "" leave optional values
 unset. With --api-auth, the routes ask for the same HTTP basic credentials as the webui's own API.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: FastAPI reads the routes' annotations and resolves string annotations
+in the module's globals, where the FastAPI classes (imported inside `register`, so that importing this module needs no
+FastAPI) are not; every annotation FastAPI sees must be a real object.
+"""
 
 import logging
 import secrets
-from typing import Any
+from typing import Any, Optional
 
 from ..trainer.errors import LoraLoopError
 from . import job, webui
@@ -75,7 +77,7 @@ def register(app: Any) -> bool:
     api_auth = getattr(webui.cmd_opts(), "api_auth", None)
     basic = HTTPBasic(auto_error=False)
 
-    def auth(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:  # noqa: B008 - FastAPI idiom
+    def auth(credentials: Optional[HTTPBasicCredentials] = Depends(basic)) -> None:  # noqa: B008, UP045 - FastAPI idiom
         user, password = (credentials.username, credentials.password) if credentials else (None, None)
         if not credentials_ok(api_auth, user, password):
             raise HTTPException(status_code=401, detail="Incorrect username or password",

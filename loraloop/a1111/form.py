@@ -3,7 +3,9 @@
 Every engine option is a field (same keys, help text and ranges as the CLI and the ComfyUI LoRATrainConfig node), except
 the ones the webui decides (`HOST_OWNED`). Widget conventions, shared with the ComfyUI node: "auto" follows the loaded
 model (mixed_precision: its dtype; resolution 0: the family's native size) and 0 / "" mean "not set" for optional
-values. The functions here take and return plain values, so the HTTP API, the tests and the Gradio tab share them.
+values. A yes/no setting the memory planner may choose and whose default is "auto" (gradient_checkpointing) is a
+dropdown auto / on / off: "auto" puts its key into the config's `auto` list, on / off set it and take the key out.
+The functions here take and return plain values, so the HTTP API, the tests and the Gradio tab share them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ EXTRA_FIELDS: dict[str, dict[str, Any]] = {
                      "caption) with the LoRA and save it as <name>.preview.png, the Lora card's picture.",
                      "group": "output"},
 }
+# A plannable bool whose default is "auto": the dropdown's values and what on / off mean.
+AUTO_BOOL_CHOICES = (AUTO, "on", "off")
+_ON_OFF = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+AUTO_BOOL_HINT = ("auto: the memory planner decides (the key joins `auto`); on / off: your choice (the key leaves "
+                  "`auto`).")
 GROUPS = {"data": "Data options", "network": "Network", "training": "Training", "memory": "Memory planning",
           "output": "Output"}
 DATASET_FIELDS = ("train_data_dir", "metadata_path", "caption_extension", "recursive", "trigger_word")
@@ -94,6 +101,8 @@ def form_fields(work_dir: Path | None = None) -> list[Field]:
                 hint = "auto: follow the loaded model's dtype."
             out.append(Field(name, "choice", AUTO if default is None else default, _tip(meta, hint), options,
                              group=meta["group"], optional=optional))
+        elif base == "bool" and _is_auto(default) and name in plannable():
+            out.append(Field(name, "choice", AUTO, _tip(meta, AUTO_BOOL_HINT), AUTO_BOOL_CHOICES, group=meta["group"]))
         elif base == "bool":
             out.append(Field(name, "bool", bool(default), _tip(meta), group=meta["group"]))
         elif base in ("int", "float"):
@@ -110,7 +119,10 @@ def form_fields(work_dir: Path | None = None) -> list[Field]:
         elif base == "list[str]":
             kind = "lines" if name == "sample_prompts" else "list"
             hint = "One per line." if kind == "lines" else "Comma-separated; empty = default."
-            out.append(Field(name, kind, "", _tip(meta, hint), group=meta["group"], optional=True))
+            if name == "auto":
+                hint = "Comma-separated; empty = the planner changes nothing."
+            value = ("\n" if kind == "lines" else ", ").join(default or [])  # e.g. `auto`: the engine's list
+            out.append(Field(name, kind, value, _tip(meta, hint), group=meta["group"], optional=True))
         else:
             if name == "resume_lora":
                 hint = "A file path, or the name of a LoRA in the webui's Lora folder."
@@ -121,6 +133,22 @@ def form_fields(work_dir: Path | None = None) -> list[Field]:
         out.append(Field(name, kind, meta["default"], meta["help"], None, meta.get("min"), meta.get("max"),
                          meta["group"]))
     return out
+
+
+def plannable() -> tuple[str, ...]:
+    """Config keys the memory planner may choose (`auto` may list them)."""
+    from ..trainer.memory.planner import PLANNABLE
+
+    return tuple(PLANNABLE)
+
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
+def auto_bool_fields() -> tuple[str, ...]:
+    """The plannable yes/no settings shown as auto / on / off (those whose tab default is "auto")."""
+    return tuple(f.name for f in form_fields() if f.choices == AUTO_BOOL_CHOICES)
 
 
 def _tip(meta: dict, extra: str = "") -> str:
@@ -156,10 +184,16 @@ class TabSettings:
 
 
 def parse_values(values: dict[str, Any]) -> TabSettings:
-    """Widget/API values → TabSettings. Unknown keys raise with the nearest valid key (from `from_mapping`)."""
+    """Widget/API values → TabSettings. Unknown keys raise with the nearest valid key (from `from_mapping`).
+
+    An auto / on / off setting becomes "auto" (the key joins `auto`) or True / False (the key leaves `auto`); when
+    the values also hold the `auto` list (the tab always sends it), the dropdowns are applied to that list, since an
+    explicit `auto` list would otherwise override them in `from_mapping`."""
     types = _types()
+    tristate = set(auto_bool_fields())
     mapping: dict[str, Any] = {}
     auto: set[str] = set()
+    planned: dict[str, bool] = {}  # auto / on / off setting → True when "auto"
     for name, value in values.items():
         if name in EXTRA_FIELDS or name in HOST_OWNED:
             continue
@@ -167,6 +201,11 @@ def parse_values(values: dict[str, Any]) -> TabSettings:
             mapping[name] = value  # from_mapping names the unknown key and suggests the nearest one
             continue
         base, optional = _base(types[name])
+        if name in tristate or (base == "bool" and _is_auto(value)):
+            value = _auto_bool(name, value)
+            planned[name] = value == AUTO
+            mapping[name] = value
+            continue
         if isinstance(value, str) and value.strip().lower() == AUTO and name in ("mixed_precision", "resolution"):
             auto.add(name)
             continue
@@ -185,15 +224,32 @@ def parse_values(values: dict[str, Any]) -> TabSettings:
         if optional and value in (0, 0.0, "", None):
             value = None
         mapping[name] = value
+    if planned and isinstance(mapping.get("auto"), list):
+        keys = [k for k in mapping["auto"] if planned.get(k, True)]
+        mapping["auto"] = keys + [k for k, is_auto in planned.items() if is_auto and k not in keys]
     weight = values.get("preferred_weight", EXTRA_FIELDS["preferred_weight"]["default"])
     preview = values.get("make_preview", EXTRA_FIELDS["make_preview"]["default"])
     return TabSettings(mapping, frozenset(auto), float(weight or 0.0), bool(preview))
 
 
+def _auto_bool(name: str, value: Any) -> Any:
+    """An auto / on / off value (or a plain bool from the API) → "auto", True or False."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return AUTO
+    if text in _ON_OFF:
+        return _ON_OFF[text]
+    raise ConfigError(f"`{name}` must be auto, on or off (got {value!r})", key=name, value=value,
+                      allowed=AUTO_BOOL_CHOICES)
+
+
 def resolve(settings: TabSettings, family: Family, prediction_type: str, model_dtype: torch.dtype,
             base_model: str | None = None) -> TrainConfig:
     """The TrainConfig of a run on the loaded model. Raises ConfigError naming the field at fault."""
-    mapping = {k: (None if v == AUTO else v) for k, v in settings.mapping.items()}
+    keep = set(plannable())  # `key: auto` hands a plannable key to the planner (from_mapping)
+    mapping = {k: (None if _is_auto(v) and k not in keep else v) for k, v in settings.mapping.items()}
     config = from_mapping(mapping, "the LoRA Loop tab")
     changes: dict[str, Any] = {"family": family.name, "prediction_type": prediction_type}
     if base_model:
@@ -238,7 +294,9 @@ def config_to_values(config: TrainConfig) -> dict[str, Any]:
         if f.name in EXTRA_FIELDS:
             continue
         value = getattr(config, f.name)
-        if f.kind == "lines":
+        if f.choices == AUTO_BOOL_CHOICES:
+            value = AUTO if f.name in config.auto else ("on" if value else "off")
+        elif f.kind == "lines":
             value = "\n".join(value or [])
         elif f.kind == "list":
             value = ", ".join(value or [])
@@ -260,7 +318,9 @@ def values_from_yaml(text: str, source: str = "pasted YAML") -> tuple[dict[str, 
     extras = {k: data.pop(k) for k in list(data) if k in EXTRA_FIELDS}
     data = {k: v for k, v in data.items() if k not in HOST_OWNED}
     config = from_mapping(data, source).validate()
-    values = {k: v for k, v in config_to_values(config).items() if k in data or _alias_target(k, data)}
+    tristate = set(auto_bool_fields()) if "auto" in data else set()
+    values = {k: v for k, v in config_to_values(config).items()
+              if k in data or _alias_target(k, data) or k in tristate}
     values.update(extras)
     return values, notes
 

@@ -42,7 +42,7 @@ from ..trainer.network import NetworkSpec, spec_from_state_dict
 from ..trainer.periodic import PeriodicSaver
 from ..trainer.plot import loss_curve
 from ..trainer.runner import plan_memory, prepare_batches, sample_grid
-from . import compat, forge, form, outputs, webui
+from . import forge, form, outputs, webui
 from .bundle import WebuiBundle
 from .sink import LIVE, LiveStatus, WebuiSink
 
@@ -211,6 +211,16 @@ def check_model_supports(config: TrainConfig, bundle: WebuiBundle) -> None:
                           key="train_text_encoder", value=True, allowed=(False,))
 
 
+def text_is_cached(batches: Any, config: TrainConfig, dataset: TrainDataset) -> bool:
+    """Whether `prepare_batches` cached the text conditioning of every caption, so the text encoder may leave the
+    device: never with `cache_text_encoder_outputs: false`, dynamic captions or a trained text encoder."""
+    cached = getattr(batches, "text_cached", None)
+    if cached is not None:
+        return bool(cached)
+    return (bool(getattr(config, "cache_text_encoder_outputs", True)) and dataset.captions_are_static
+            and not config.train_text_encoder)
+
+
 def preview_prompt(config: TrainConfig, dataset: TrainDataset) -> str:
     if config.sample_prompts:
         return config.sample_prompts[0]
@@ -227,7 +237,6 @@ def _oom(err: BaseException, config: TrainConfig, device: torch.device) -> OutOf
 # -- the run -----------------------------------------------------------------------------------------------------------
 def prepare(values: dict[str, Any]) -> tuple[WebuiBundle, TrainConfig, form.TabSettings]:
     """Check the loaded model and the settings; raise before anything is touched."""
-    compat.ensure_torch_compat()
     settings = form.parse_values(values)
     model = webui.sd_model()
     if forge.detected(model):
@@ -309,9 +318,12 @@ def _train(bundle: WebuiBundle, config: TrainConfig, settings: form.TabSettings,
             captions = [process_caption(item.record.caption, dataset.options, random.Random(0))
                         for item in dataset.items]
             bundle.set_caption_lengths([*captions, *config.sample_prompts, prompt])
-            batches = prepare_batches(bundle, dataset, config, sink, cache_dir=work_dir / ".latent_cache")
+            try:
+                batches = prepare_batches(bundle, dataset, config, sink, cache_dir=work_dir / ".latent_cache")
+            except TrainingInterrupted:  # Cancel while caching latents: nothing trained, nothing to save
+                return None, None, None
             batches.chunk_size = chunk_size
-            if dataset.captions_are_static and not config.train_text_encoder:  # prepare_batches cached the captions
+            if text_is_cached(batches, config, dataset):  # the text encoder is idle: previews use the cache too
                 bundle.cache_text([*config.sample_prompts, prompt, ""])
                 placements.offload(bundle.text_module, "text encoder")
             if batches.latent_cache is not None:
@@ -329,7 +341,7 @@ def _train(bundle: WebuiBundle, config: TrainConfig, settings: form.TabSettings,
             except TrainingInterrupted as stop:
                 partial = getattr(stop, "result", None)
                 if partial is not None:
-                    partial.train_state = None  # holds the optimizer state on the device
+                    partial.train_state = None  # the tab does not resume cancelled runs: free the optimizer copy
             job.intermediate = list(hook.saved)
             if result is not None:
                 if result.train_state is not None:

@@ -28,7 +28,8 @@ def run_plan_lines(config: TrainConfig, *, text_encoder_trainable: bool, lowvram
     batches = len(dataset.epoch_batches(0, config.batch_size))
     schedule = make_schedule(config, batches)
     epochs = -(-schedule.total_steps // schedule.steps_per_epoch)
-    cache_text = dataset.captions_are_static and not config.train_text_encoder
+    cache_text = (bool(getattr(config, "cache_text_encoder_outputs", True)) and dataset.captions_are_static
+                  and not config.train_text_encoder)
     parts = ["UNet", "text encoder"] if config.train_text_encoder and text_encoder_trainable else ["UNet"]
     lines = [
         f"{len(dataset.records)} images, {len(dataset)} samples per epoch, {batches} batches of up to "
@@ -37,7 +38,7 @@ def run_plan_lines(config: TrainConfig, *, text_encoder_trainable: bool, lowvram
         f"{schedule.total_steps} steps ≈ {epochs} epoch(s) at {config.resolution}px; adapters on the "
         f"{' and '.join(parts)} ({config.network_type}, rank {config.lora_rank}, alpha {config.alpha:g}).",
         f"Compute: mixed_precision {config.mixed_precision}, gradient checkpointing "
-        f"{'on' if config.gradient_checkpointing else 'off'}, the webui's cross-attention optimisation "
+        f"{_planned(config, 'gradient_checkpointing')}, the webui's cross-attention optimisation "
         + ("kept" if xattention else "off while training (Settings → Training: \"Use cross attention optimizations "
                                      "while training\")") + ".",
     ]
@@ -51,6 +52,12 @@ def run_plan_lines(config: TrainConfig, *, text_encoder_trainable: bool, lowvram
     elif moved:
         lines.append(f"Latents/captions are encoded once; then the {' and '.join(moved)} leave(s) the GPU.")
     return lines
+
+
+def _planned(config: TrainConfig, key: str) -> str:
+    """on / off, or that the memory plan chooses it (the key is in `auto`)."""
+    value = "on" if getattr(config, key) else "off"
+    return f"auto (the memory plan decides; {value} without a plan)" if key in config.auto else value
 
 
 def memory_plan_text(config: TrainConfig, bundle: object | None, dataset: TrainDataset | None) -> str:

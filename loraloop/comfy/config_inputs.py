@@ -15,6 +15,7 @@ import torch
 
 from ..trainer.config import AUTO, HOST_DEFAULTS, TrainConfig, field_help, from_mapping
 from ..trainer.families import Family
+from ..trainer.memory.planner import PLANNABLE
 
 HOST_OWNED: dict[str, str] = {
     "base_model": "the MODEL/CLIP/VAE inputs of TrainLoRA are the base model",
@@ -30,12 +31,14 @@ HOST_OWNED: dict[str, str] = {
     "overwrite": "files are never overwritten: saved names are made unique",
     "logging_dir": "an absolute folder would make the workflow machine-specific",
     "cache_latents_to_disk": "latents are cached in memory inside ComfyUI",
-    "train_text_encoder": "inside ComfyUI LoRA Loop trains the UNet only in this version",
-    "text_encoder_lr": "inside ComfyUI LoRA Loop trains the UNet only in this version",
-    "auto": "ComfyUI's model management decides what stays on the GPU; the node does not run the planner yet",
-    "vram_budget_gb": "ComfyUI's model management decides what stays on the GPU",
-    "memory_margin": "ComfyUI's model management decides what stays on the GPU",
+    "auto": "set a widget to 'auto' to let the memory planner choose it; batch_size x accumulation_steps may always "
+            "be split into smaller micro-batch chunks when memory is short (what is learned stays the same)",
 }
+# The memory planner may always split a batch into chunks: that changes how the work is done, not what is learned.
+ALWAYS_PLANNED = frozenset({"batch_size", "accumulation_steps"})
+# Resolved by the node itself from the MODEL ("auto" = the family's size / the model's dtype), never lowered by the plan.
+NODE_RESOLVED = frozenset({"resolution", "mixed_precision"})
+SWITCH = {"on": True, "off": False}  # a plannable bool whose default is "auto" is a combo auto/on/off
 NONE_AS_ZERO = "0 = off / use the default"
 NODE_DEFAULTS = HOST_DEFAULTS  # node defaults that differ from the engine's (shared with the A1111 tab)
 SMALL_FLOAT = 0.01  # floats with smaller defaults get a fine step and no rounding (learning rates)
@@ -61,7 +64,11 @@ def widget_inputs(io: Any, lora_names: list[str]) -> list:
         base, optional = _base_type(types[name])
         default = NODE_DEFAULTS.get(name, meta["default"])
         choices = meta.get("choices")
-        if name == "resume_lora":
+        if base == "bool" and default == AUTO:
+            inputs.append(io.Combo.Input(name, options=[AUTO, *SWITCH], default=AUTO,
+                                         tooltip=_tooltip(meta, "auto: the memory planner decides (off when the free "
+                                                                "memory allows: faster).")))
+        elif name == "resume_lora":
             inputs.append(io.Combo.Input(name, options=["[none]", *lora_names], default="[none]", optional=True,
                                          tooltip=_tooltip(meta, "Pick a LoRA from models/loras.")))
         elif choices is not None:
@@ -112,7 +119,9 @@ class NodeConfig:
         if "mixed_precision" in self.auto:
             values["mixed_precision"] = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model_dtype, "no")
         config = from_mapping(values, "LoRATrainConfig")
-        return replace(config, family=family.name, prediction_type=prediction_type).validate()
+        planned = (self.auto | ALWAYS_PLANNED) - NODE_RESOLVED
+        return replace(config, family=family.name, prediction_type=prediction_type,
+                       auto=[k for k in PLANNABLE if k in planned]).validate()
 
 
 def node_config(widgets: dict[str, Any], base: dict[str, Any] | None = None) -> NodeConfig:
@@ -129,6 +138,8 @@ def node_config(widgets: dict[str, Any], base: dict[str, Any] | None = None) -> 
             continue
         if name == "resume_lora":
             value = None if value in (None, "", "[none]") else value
+        elif base_type == "bool" and value in SWITCH:
+            value = SWITCH[value]
         elif base_type == "list[str]":
             sep = "\n" if name == "sample_prompts" else ","
             value = [v.strip() for v in (value or "").split(sep) if v.strip()]

@@ -60,29 +60,32 @@ class ComfyDataset:
     def scan(self, config: TrainConfig | None = None) -> DatasetScan:
         """The engine's scan with the Caption node's overrides applied."""
         scan = scan_dataset(dataset_options(self.config_for(config)))
-        if self.captions is not None:
-            for record in scan.records:
-                text = self.captions.get(self.key(record.path))
-                if text is not None:
-                    record.caption, record.caption_source = text, "Caption node"
+        self._apply_captions(scan)
         return scan
+
+    def _apply_captions(self, scan: DatasetScan) -> None:
+        for record in scan.records if self.captions is not None else ():
+            text = self.captions.get(self.key(record.path))  # type: ignore[union-attr]
+            if text is not None:
+                record.caption, record.caption_source = text, "Caption node"
 
     def build(self, config: TrainConfig) -> TrainDataset:
         cfg = self.config_for(config)
         return TrainDataset(self.scan(cfg), dataset_options(cfg), seed=cfg.seed)
 
     def report(self, config: TrainConfig | None = None) -> DatasetReport:
-        cfg = self.config_for(config)
-        report = check_dataset(dataset_options(cfg))
+        """The dataset check (one scan of the folder), with the Caption node's overrides applied."""
+        report = check_dataset(dataset_options(self.config_for(config)))
         if self.captions is not None:
-            scan = self.scan(cfg)
-            report.scan.records = scan.records
-            captioned = sum(1 for r in scan.records if r.caption)
-            report.caption_coverage = 100.0 * captioned / len(scan.records) if scan.records else 0.0
+            self._apply_captions(report.scan)
+            captioned = sum(1 for r in report.scan.records if r.caption)
+            total = len(report.scan.records)
+            report.caption_coverage = 100.0 * captioned / total if total else 0.0
         return report
 
-    def summary(self, config: TrainConfig | None = None) -> str:
-        return format_report(self.report(config)).replace(str(self.root), self.name)
+    def summary(self, report: DatasetReport | None = None) -> str:
+        """The report as text, with the folder shown by its relative name (no machine path)."""
+        return format_report(report or self.report()).replace(str(self.root), self.name)
 
 
 def edit_caption(text: str, *, trigger_word: str = "", prefix: str = "", suffix: str = "", find: str = "",

@@ -14,6 +14,7 @@ import yaml
 
 from ..trainer.config import from_mapping
 from ..trainer.errors import ConfigError, DatasetError
+from ..trainer.lorafile import atomic_write
 from . import paths
 from .compat import ComfyExtension, LoraModelType, io, ui
 from .config_inputs import HOST_OWNED, NodeConfig, default_node_config, node_config, widget_inputs
@@ -71,7 +72,7 @@ class LoadDataset(io.ComfyNode):
         dataset = ComfyDataset(folder.strip().strip("/"), root, recursive, caption_extension.strip() or ".txt",
                                metadata, (trigger_word or "").strip())
         report = dataset.report()
-        summary = dataset.summary()
+        summary = dataset.summary(report)
         if report.will_fail:
             raise DatasetError(summary, path=folder)
         return io.NodeOutput(dataset, summary, ui=ui.PreviewText(summary))
@@ -141,7 +142,7 @@ class LoRATrainConfig(io.ComfyNode):
         if export_yaml.strip():
             target = paths.output_file(export_yaml.strip().removesuffix(".yaml"), ".yaml")
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
+            atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
         return io.NodeOutput(config, text)
 
 
@@ -159,13 +160,13 @@ class TrainLoRA(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=PREFIX + "TrainLoRA", display_name="TrainLoRA", category=CATEGORY,
-            description="Train a LoRA on the loaded SD1.x/SD2.x/SDXL model (UNet only in ComfyUI). The input MODEL is "
-                        "handed back unchanged; the LoRA is applied to the MODEL/CLIP outputs. Cancel stops within one "
-                        "step.",
+            description="Train a LoRA on the loaded SD1.x/SD2.x/SDXL model (UNet, and the text encoder when "
+                        "train_text_encoder is on). The input MODEL/CLIP are handed back unchanged; the LoRA is applied "
+                        "to the MODEL/CLIP outputs. Cancel stops within one step.",
             search_aliases=["train lora", "lora training", "fine-tune"],
             inputs=[
                 io.Model.Input("model", tooltip="The model to train on (SD1.x, SD2.x incl. v-prediction, SDXL)."),
-                io.Clip.Input("clip", tooltip="Encodes the captions once (not trained)."),
+                io.Clip.Input("clip", tooltip="Encodes the captions (once, unless train_text_encoder is on)."),
                 io.Vae.Input("vae", tooltip="Encodes the images once."),
                 Dataset.Input("dataset", tooltip="From LoadDataset or Caption."),
                 Config.Input("config", optional=True, tooltip="From LoRATrainConfig; node defaults when unconnected."),
@@ -177,7 +178,7 @@ class TrainLoRA(io.ComfyNode):
                 LoraModelType.Output("lora", tooltip="The trained LoRA (kohya keys); SaveLoRA writes it, "
                                      "LoraModelLoader applies it."),
                 io.Model.Output("model", tooltip="A clone of MODEL with the LoRA applied."),
-                io.Clip.Output("clip", tooltip="A clone of CLIP (unchanged: UNet-only training)."),
+                io.Clip.Output("clip", tooltip="A clone of CLIP with the LoRA's text-encoder part applied (if any)."),
                 io.Image.Output("loss", tooltip="The loss curve."),
                 io.Int.Output("steps", tooltip="Optimizer steps trained."),
             ],
@@ -192,7 +193,32 @@ class TrainLoRA(io.ComfyNode):
         run = train_lora(model, clip, vae, dataset, config or default_node_config(), name=name.strip() or "my_lora",
                          node_id=cls.hidden.unique_id, save_on_cancel=save_on_cancel)
         return io.NodeOutput(run.lora, run.model, run.clip, loss_image(run.losses, f"{name}: loss"), run.steps,
-                             ui=ui.PreviewText(run.summary))
+                             ui=ui.PreviewText(f"{run.summary}\n\n{run.plan}"))
+
+
+class MemoryPlan(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=PREFIX + "MemoryPlan", display_name="MemoryPlan", category=CATEGORY, is_output_node=True,
+            description="What TrainLoRA will do with this model, dataset and config before it trains: memory free "
+                        "once ComfyUI unloads the other models, estimated peak, seconds per step and total time, and "
+                        "each setting the planner chose (widgets set to 'auto') with the reason. Loads nothing.",
+            search_aliases=["vram", "memory", "oom", "plan training"],
+            inputs=[
+                io.Model.Input("model", tooltip="The model TrainLoRA will train."),
+                Dataset.Input("dataset", tooltip="From LoadDataset or Caption."),
+                Config.Input("config", optional=True, tooltip="From LoRATrainConfig; node defaults when unconnected."),
+            ],
+            outputs=[io.String.Output("plan", tooltip="The plan as text.")],
+        )
+
+    @classmethod
+    def execute(cls, model: Any, dataset: ComfyDataset, config: NodeConfig | None = None) -> io.NodeOutput:
+        from .planning import describe_plan
+
+        text = describe_plan(model, dataset, config or default_node_config())
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
 class SaveLoRA(io.ComfyNode):
@@ -252,7 +278,7 @@ class LoRAPrompt(io.ComfyNode):
         return io.NodeOutput(encode(clip, clean), model, clip, clean)
 
 
-NODES: list[type] = [LoadDataset, Caption, LoRATrainConfig, TrainLoRA, SaveLoRA, LoRAPrompt]
+NODES: list[type] = [LoadDataset, Caption, LoRATrainConfig, MemoryPlan, TrainLoRA, SaveLoRA, LoRAPrompt]
 
 
 class LoRALoopExtension(ComfyExtension):

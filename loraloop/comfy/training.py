@@ -10,7 +10,9 @@ Order matters (hosts.md §3, Part C):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import torch
 from ..trainer.batches import BatchMaker
 from ..trainer.config import TrainConfig
 from ..trainer.data import tag_frequency
-from ..trainer.errors import LoraFileError, LoraLoopError, TrainingInterrupted
+from ..trainer.errors import LoraFileError, TrainingInterrupted
 from ..trainer.lorafile import load_lora, save_lora
 from ..trainer.loop import TrainResult, make_schedule, network_spec, train
 from ..trainer.metadata import RunInfo
@@ -31,8 +33,9 @@ from ..trainer.runner import prepare_batches
 from ..trainer.sampling import sample_latents
 from .config_inputs import NodeConfig
 from .datasets import ComfyDataset
-from .host import ComfyBundle, trainable_weights
+from .host import ComfyBundle, autograd_safe_residuals, trainable_weights
 from .paths import find_lora, invalidate_lora_list, lora_target
+from .planning import OutOfMemory, plan_run, plan_text, require_fit
 from .sink import ComfySink
 
 log = logging.getLogger(__name__)
@@ -64,12 +67,9 @@ class ComfyRun:
     losses: list[float]
     steps: int
     summary: str
+    plan: str = ""
     partial_path: Path | None = None
     changes: list[str] = field(default_factory=list)
-
-
-class OutOfMemory(LoraLoopError):
-    """Training ran out of device memory; the message lists what to lower."""
 
 
 def _initial_lora(config: TrainConfig) -> tuple[NetworkSpec, dict[str, torch.Tensor] | None]:
@@ -77,11 +77,22 @@ def _initial_lora(config: TrainConfig) -> tuple[NetworkSpec, dict[str, torch.Ten
     if not config.resume_lora:
         return spec, None
     tensors, metadata = load_lora(find_lora(config.resume_lora))
-    if any(k.startswith("lora_te") for k in tensors):
-        msg = (f"{config.resume_lora} also holds text-encoder weights; inside ComfyUI LoRA Loop trains the UNet only, "
-               "so it cannot continue this LoRA without dropping them")
+    if any(k.startswith("lora_te") for k in tensors) and not config.train_text_encoder:
+        msg = (f"{config.resume_lora} also holds text-encoder weights; turn on train_text_encoder to continue it "
+               "(training the UNet only would drop them)")
         raise LoraFileError(msg, path=config.resume_lora)
     return spec_from_state_dict(tensors, spec, metadata), tensors
+
+
+@contextlib.contextmanager
+def _trainable(bundle: ComfyBundle) -> Iterator[int]:
+    """The UNet's (and, when the text encoder trains, the CLIP's) inference-tensor weights made usable by autograd."""
+    with contextlib.ExitStack() as stack:
+        count = stack.enter_context(trainable_weights(bundle.unet))
+        if bundle.live_text:
+            count += stack.enter_context(trainable_weights(bundle.clip.cond_stage_model))  # type: ignore[attr-defined]
+            stack.enter_context(autograd_safe_residuals([slot.module for slot in bundle.text_encoders]))
+        yield count
 
 
 def _lora_file(stem: str) -> Path:
@@ -116,7 +127,7 @@ def _final_preview(bundle: ComfyBundle, config: TrainConfig, result: TrainResult
     """
     if not config.sample_prompts:
         return loss_curve(result.losses, title=f"{config.output_name}: loss")
-    with trainable_weights(bundle.unet), torch.no_grad(), Network(bundle, replace(spec, train_unet=True)) as network:
+    with _trainable(bundle), torch.no_grad(), Network(bundle, replace(spec, train_unet=True)) as network:
         network.load_state_dict({k: v.float() for k, v in result.state_dict.items()})
         latents = sample_latents(bundle, config.sample_prompts[:1], height=config.resolution, width=config.resolution,
                                  steps=config.sample_steps, cfg=config.sample_cfg, seed=config.seed)
@@ -136,22 +147,36 @@ def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_conf
         config = dataset.config_for(replace(config, output_name=name))
         train_dataset = dataset.build(config)
         sink = ComfySink(node_id)
+        plan = plan_run(bundle, config, train_dataset)  # before anything is encoded or loaded
+        sink.status(plan_text(plan))
+        require_fit(plan)
+        if plan is not None:
+            planned = plan.apply(config)
+            if planned.resolution != config.resolution:
+                train_dataset = dataset.build(planned)
+            config = planned
         sink.status(f"{bundle.family.name} ({bundle.prediction_type}); {len(train_dataset.records)} images, "
                     f"{len(train_dataset)} samples per epoch at {config.resolution}px")
+        if config.train_text_encoder:
+            bundle.train_text_encoders()
         spec, initial = _initial_lora(config)
         captions = sorted({r.caption or "" for r in train_dataset.records} | {config.trigger_word, ""})
         bundle.set_caption_lengths(captions + list(config.sample_prompts))
         bundle.cache_text(list(config.sample_prompts))
-        batches: BatchMaker = prepare_batches(bundle, train_dataset, config, sink)
+        try:
+            batches: BatchMaker = prepare_batches(bundle, train_dataset, config, sink)
+        except TrainingInterrupted as stop:  # Cancel while caching latents: nothing trained yet
+            raise mm.InterruptProcessingException() from stop
+        batches.chunk_size = plan.chunk_size if plan is not None else None
         run = RunInfo(model_name=name, num_images=len(train_dataset.records),
                       tag_frequency=tag_frequency(train_dataset.records),
                       dataset_dirs=train_dataset.scan.dataset_dirs(),
                       bucket_info={"buckets": {f"{w}x{h}": n for (w, h), n in train_dataset.bucket_counts().items()}})
-        _load_for_training(bundle, config, dynamic_captions=not train_dataset.captions_are_static)
+        _load_for_training(bundle, config, dynamic_captions=not batches.text_cached)  # text encoded every step
         bundle.preview_decode = True
         partial_path = None
         try:
-            with trainable_weights(bundle.unet) as wrapped:
+            with _trainable(bundle) as wrapped:
                 log.info("LoRA Loop: %d frozen tensors re-wrapped for autograd (no copy)", wrapped)
                 result = train(bundle, batches, config, sink, spec=spec, initial_lora=initial, run=run,
                                on_step_end=_step_hook(bundle, config, spec, sink, run, batches))
@@ -179,7 +204,7 @@ def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_conf
         model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
     summary = (f"trained {result.steps} steps on {len(train_dataset.records)} images; final loss "
                f"{result.losses[-1]:.4f}" if result.losses else "no steps trained")
-    return ComfyRun(lora, model_out, clip_out, result.losses, result.steps, summary, partial_path)
+    return ComfyRun(lora, model_out, clip_out, result.losses, result.steps, summary, plan_text(plan), partial_path)
 
 
 def loss_image(losses: list[float], title: str) -> torch.Tensor:

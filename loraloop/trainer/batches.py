@@ -18,6 +18,8 @@ from .data import DatasetOptions, LatentCache, TrainDataset, process_caption
 
 log = logging.getLogger(__name__)
 
+TEXT_CACHE_CHUNK = 16  # captions per text-encoder call while caching: small next to the UNet, far fewer calls
+
 
 def dataset_options(config: TrainConfig) -> DatasetOptions:
     """The dataset half of a `TrainConfig`."""
@@ -36,6 +38,12 @@ def dataset_options(config: TrainConfig) -> DatasetOptions:
         crop="random" if config.random_crop else "center", flip_aug=config.flip_aug,
         caption_dropout_rate=config.caption_dropout_rate, shuffle_caption=config.shuffle_caption,
         keep_tokens=config.keep_tokens, caption_tag_dropout_rate=config.caption_tag_dropout_rate)
+
+
+def caches_text(config: TrainConfig, dataset: TrainDataset) -> bool:
+    """Whether text conditioning is encoded once per caption: the config asks for it, the captions never change (no
+    shuffle or dropout) and no text encoder is trained (its output would change every step)."""
+    return config.cache_text_encoder_outputs and dataset.captions_are_static and not config.train_text_encoder
 
 
 @dataclass
@@ -59,7 +67,7 @@ class BatchMaker:
         dataset: the training set.
         config: batch size, caching switches.
         latent_cache: encode-once latents (None: encode every step, needed for random crops).
-        cache_text: encode each distinct caption once (only when captions are static and text encoders frozen).
+        cache_text: encode each distinct caption once (see `caches_text` for when that is allowed).
     """
 
     def __init__(self, bundle: ModelBundle, dataset: TrainDataset, config: TrainConfig, *,
@@ -74,16 +82,22 @@ class BatchMaker:
         self._text: dict[str, Conditioning] = {}
         self._latents: dict[int, object] = {}  # index → CachedLatent: skip re-hashing keys on every step
         if cache_text:
-            self._cache_text()
+            self.cache_text_outputs()
 
-    def _cache_text(self) -> None:
+    @property
+    def text_cached(self) -> bool:
+        """True once the text conditioning of every caption is cached (the text encoders are then idle)."""
+        return bool(self._text)
+
+    def cache_text_outputs(self) -> None:
+        """Encode every distinct caption once; later micro-batches take their conditioning from the cache."""
         import random
 
         captions = sorted({process_caption(item.record.caption, self.dataset.options, random.Random(0))
                            for item in self.dataset.items})
         with torch.no_grad():
-            for start in range(0, len(captions), 16):
-                chunk = captions[start : start + 16]
+            for start in range(0, len(captions), TEXT_CACHE_CHUNK):
+                chunk = captions[start : start + TEXT_CACHE_CHUNK]
                 cond = self.bundle.encode_text(chunk).detach().to("cpu")
                 for i, caption in enumerate(chunk):
                     self._text[caption] = cond[i : i + 1]

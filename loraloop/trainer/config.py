@@ -68,6 +68,9 @@ class TrainConfig:
                              "the GPU).", group="data")
     cache_latents_to_disk: bool = _f(False, "Also keep cached latents on disk, keyed by image content.",
                                      group="data")
+    cache_text_encoder_outputs: bool = _f(True, "Encode each caption once and keep the text conditioning (the text "
+                                          "encoders can then leave the GPU). Needs static captions and a frozen "
+                                          "text encoder; otherwise text is encoded every step.", group="data")
     # network
     network_type: str = _f("lora", "lora, locon (LoRA + 3x3 convs), loha or lokr.",
                            choices=("lora", "locon", "loha", "lokr"), group="network")
@@ -148,7 +151,7 @@ class TrainConfig:
         """Raise `ConfigError` for the first out-of-range or inconsistent value; return self."""
         for f in fields(self):
             _check_field(f.name, getattr(self, f.name), f.metadata)
-        if self.min_bucket_reso > self.max_bucket_reso:
+        if self.enable_bucket and self.min_bucket_reso > self.max_bucket_reso:  # unused without buckets
             _fail("min_bucket_reso", self.min_bucket_reso,
                   f"`min_bucket_reso` ({self.min_bucket_reso}) must not exceed `max_bucket_reso` ({self.max_bucket_reso})")
         from .memory.planner import PLANNABLE
@@ -168,7 +171,7 @@ AUTO = "auto"
 HOST_DEFAULTS: dict[str, Any] = {
     "resolution": 0,  # 0 = the family's native size: 512 SD1/SD2, 768 SD2-v, 1024 SDXL
     "mixed_precision": AUTO,  # follow the loaded model's dtype (hosts load fp16/bf16 on GPUs)
-    "gradient_checkpointing": True,  # the host holds other models too: trade speed for memory by default
+    "gradient_checkpointing": AUTO,  # the memory planner decides: off (faster) when the free memory allows
     "max_train_steps": 500,  # a run started from a UI should end; 0 trains `epochs` instead
 }
 

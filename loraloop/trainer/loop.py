@@ -50,6 +50,7 @@ class TrainResult:
     interrupted: bool = False
     train_state: TrainState | None = None
     samples: list = field(default_factory=list)
+    config: TrainConfig | None = None  # the config as the run ended (the OOM ladder may have changed settings)
 
 
 @dataclass
@@ -178,18 +179,30 @@ def train(bundle: ModelBundle, batches: BatchMaker, config: TrainConfig, sink: P
                         on_step_end(step + 1, network)
             step = schedule.total_steps
         except TrainingInterrupted as stop:
-            partial = _result(network, config, spec, run, losses, stop.step, schedule, interrupted=True)
-            partial.train_state = TrainState.capture(network, optimizer, scheduler, scaler, stop.step, losses, config)
+            partial = _finish(network, recovery, spec, run, losses, stop.step, schedule, optimizer=optimizer,
+                              scheduler=scheduler, scaler=scaler, interrupted=True)
             stop.result = partial  # type: ignore[attr-defined]
             raise
         finally:
             if writer is not None:
                 writer.close()
-        if recovery.lowered_rank:  # the OOM ladder lowered it: ss_network_dim must say so
-            spec = replace(spec, rank=recovery.lowered_rank)
-        optimizer = recovery.optimizer or optimizer  # … or switched to the 8-bit optimizer
-        result = _result(network, config, spec, run, losses, step, schedule)
-        result.train_state = TrainState.capture(network, optimizer, scheduler, scaler, step, losses, config)
+        result = _finish(network, recovery, spec, run, losses, step, schedule, optimizer=optimizer,
+                         scheduler=scheduler, scaler=scaler)
+    return result
+
+
+def _finish(network: Network, recovery: OomRecovery, spec: NetworkSpec, run: RunInfo, losses: list[float],
+            steps: int, schedule: Schedule, *, optimizer: torch.optim.Optimizer, scheduler: object, scaler: object,
+            interrupted: bool = False) -> TrainResult:
+    """The result and its resumable state as the OOM ladder left the run: its config (checkpointing, caches,
+    optimizer, rank), the adapters' rank (ss_network_dim) and the optimizer that is stepping now."""
+    config = recovery.config
+    if recovery.lowered_rank:
+        spec = replace(spec, rank=recovery.lowered_rank)
+    result = _result(network, config, spec, run, losses, steps, schedule, interrupted=interrupted)
+    result.train_state = TrainState.capture(network, recovery.optimizer or optimizer, scheduler, scaler, steps, losses,
+                                            config)
+    result.config = config
     return result
 
 

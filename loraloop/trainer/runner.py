@@ -12,13 +12,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from .batches import BatchMaker, dataset_options
+from .batches import BatchMaker, caches_text, dataset_options
 from .bundle import ModelBundle
+from .bundles.diffusers_bundle import DiffusersBundle
 from .config import TrainConfig
 from .data import LatentCache, TrainDataset, format_bucket_table, tag_frequency
 from .errors import TrainingInterrupted
 from .lorafile import atomic_write, load_lora, save_lora
 from .loop import TrainResult, make_schedule, network_spec, train
+from .memory.levers import release_memory
 from .metadata import RunInfo
 from .network import Network, NetworkSpec, spec_from_state_dict
 from .periodic import PeriodicSaver
@@ -42,34 +44,80 @@ class RunOutputs:
     result: TrainResult
 
 
-def load_bundle(config: TrainConfig) -> ModelBundle:
-    """The model named by `config.base_model` (a checkpoint, a diffusers folder, or builtin:tiny-*)."""
+def training_device() -> torch.device:
+    """Where a standalone run trains: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_bundle(config: TrainConfig, device: torch.device | str | None = None) -> ModelBundle:
+    """The model named by `config.base_model` (a checkpoint, a diffusers folder, or builtin:tiny-*).
+
+    The weights get the dtype that training on `training_device()` needs; `device` says where they are put (default:
+    that device; `run` loads onto the CPU so that the encoders can cache before the UNet takes the GPU).
+    """
     from .bundles.checkpoint import resolve_base_model
 
+    target = training_device()
     dtype = torch.float32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and config.mixed_precision in ("fp16", "bf16"):
+    if target.type == "cuda" and config.mixed_precision in ("fp16", "bf16"):
         dtype = torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
     return resolve_base_model(config.base_model, family=config.family, prediction_type=config.prediction_type,
-                              dtype=dtype, device=device)
+                              dtype=dtype, device=device or target)
 
 
 def prepare_batches(bundle: ModelBundle, dataset: TrainDataset, config: TrainConfig, sink: ProgressSink,
-                    cache_dir: Path | None = None) -> BatchMaker:
-    """Encode latents (and text, when it never changes) up front, as the config asks."""
+                    cache_dir: Path | None = None, *, cache_batch_size: int | None = None,
+                    offload_encoders: bool = True) -> BatchMaker:
+    """Encode latents (and text, when `caches_text` allows) up front, as the config asks.
+
+    Args:
+        cache_batch_size: images the VAE encodes at once (default: `batch_size`; the memory plan says 1).
+        offload_encoders: afterwards move the encoders the caches made idle off an accelerator (bundles that can).
+
+    Raises:
+        TrainingInterrupted: the sink asked to stop while latents were being cached.
+    """
     cache = None
     if config.cache_latents:
         cache = LatentCache(bundle.encode_images, encoder_id=f"{bundle.name}|{bundle.family.name}",
                             options=dataset.options, cache_dir=cache_dir if config.cache_latents_to_disk else None)
         sink.status(f"caching latents of {len(dataset.records)} images")
-        cache.prepare(dataset, batch_size=max(1, config.batch_size))
-    cache_text = dataset.captions_are_static and not config.train_text_encoder
+        cache.prepare(dataset, batch_size=cache_batch_size or max(1, config.batch_size),
+                      should_stop=getattr(sink, "should_stop", None))
+    cache_text = caches_text(config, dataset)
     if cache_text:
         sink.status("caching text conditioning")
     batches = BatchMaker(bundle, dataset, config, latent_cache=cache, cache_text=cache_text)
     offload = getattr(bundle, "offload", None)
-    if offload is not None and bundle.device.type != "cpu":  # free accelerator memory for activations
+    if offload_encoders and offload is not None and bundle.device.type != "cpu":  # room for activations
         offload(vae=cache is not None, text_encoders=cache_text)
+    return batches
+
+
+def encode_then_load_unet(bundle: DiffusersBundle, dataset: TrainDataset, config: TrainConfig, sink: ProgressSink,
+                          device: torch.device, cache_dir: Path | None = None, *, cache_batch_size: int = 1,
+                          offload_encoders: bool = True) -> BatchMaker:
+    """A standalone run on an accelerator: cache with only the encoders on `device`, then bring in the UNet.
+
+    The memory plan assumes this order (`RunShape.cache_with_unet_resident` is False): at SDXL 1024 the fp16 UNet
+    (~5.1 GB) beside the encoders (~1.7 GB) and the VAE's encode transient would not fit 8 GB; each phase alone does.
+    `bundle` comes in with every module on the CPU.
+
+    Args:
+        cache_batch_size: images the VAE encodes at once (the plan's `cache_batch_size`).
+        offload_encoders: encoders whose outputs are cached stay on the CPU while training (the plan's
+            `offload_encoders`); False moves them to `device` with the UNet.
+    """
+    bundle.place(device, vae=config.cache_latents, text_encoders=caches_text(config, dataset))
+    batches = prepare_batches(bundle, dataset, config, sink, cache_dir, cache_batch_size=cache_batch_size,
+                              offload_encoders=False)
+    # The loop runs an encoder every step when its outputs are not cached (or a text encoder is trained).
+    vae_on_device = batches.latent_cache is None or not offload_encoders
+    text_on_device = not batches.text_cached or config.train_text_encoder or not offload_encoders
+    bundle.place("cpu", vae=not vae_on_device, text_encoders=not text_on_device)
+    release_memory()  # hand the encoders' blocks back to the driver before the UNet arrives
+    sink.status(f"moving the UNet to {device}")
+    bundle.place(device, unet=True, vae=vae_on_device, text_encoders=text_on_device)
     return batches
 
 
@@ -151,15 +199,26 @@ def run(config: TrainConfig, sink: ProgressSink | None = None, *, bundle: ModelB
     plan = plan_memory(config, dataset, bundle, sink)
     if plan is not None:
         config = plan.apply(config)
+        if dataset_options(config) != dataset.options:  # the plan lowered the resolution or the largest bucket
+            dataset = TrainDataset.from_options(dataset_options(config), seed=config.seed)
+    device = training_device()
+    staged = bundle is None and device.type != "cpu"  # a bundle we load ourselves: encode before the UNet moves in
     if bundle is None:
         sink.status(f"loading {config.base_model}")
-        bundle = load_bundle(config)
+        bundle = load_bundle(config, device="cpu" if staged else device)
     spec, initial = _initial_lora(config)
     state = None
     if resume_state is not None:
         state = TrainState.load(resume_state)
         state.check_compatible(config, resume_state)
-    batches = prepare_batches(bundle, dataset, config, sink, cache_dir=folder / ".latent_cache")
+    cache_dir = folder / ".latent_cache"
+    if staged:
+        cache_batch = plan.shape.cache_batch_size if plan else config.batch_size
+        batches = encode_then_load_unet(bundle, dataset, config, sink, device, cache_dir,  # type: ignore[arg-type]
+                                        cache_batch_size=cache_batch,
+                                        offload_encoders=plan.shape.offload_encoders if plan else True)
+    else:
+        batches = prepare_batches(bundle, dataset, config, sink, cache_dir=cache_dir)
     if plan is not None:
         batches.chunk_size = plan.chunk_size
     before = sample_grid(bundle, config.sample_prompts, config, None, None) if samples and config.sample_prompts else None
@@ -179,7 +238,9 @@ def run(config: TrainConfig, sink: ProgressSink | None = None, *, bundle: ModelB
                              partial.metadata, overwrite=True)
             sink.status(f"cancelled; saved what was trained so far to {path}")
         raise
-    paths = write_outputs(result, config, folder, name, overwrite=config.overwrite or resume_state is not None)
+    # The YAML is the config as the run ended: a resume of its state needs the OOM ladder's optimizer and rank.
+    paths = write_outputs(result, result.config or config, folder, name,
+                          overwrite=config.overwrite or resume_state is not None)
     state_path = result.train_state.save(folder / f"{name}-state.pt") if result.train_state else None
     samples_path = None
     if before is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,13 +37,15 @@ class TrainState:
     @classmethod
     def capture(cls, network: Network, optimizer: torch.optim.Optimizer, scheduler: object, scaler: object,
                 step: int, losses: list[float], config: TrainConfig) -> TrainState:
-        return cls(step, list(losses), network.state_dict(torch.float32), optimizer.state_dict(),
+        """A snapshot on the CPU: it holds no accelerator memory and later steps do not change it."""
+        return cls(step, list(losses), network.state_dict(torch.float32), _on_cpu(optimizer.state_dict()),
                    scheduler.state_dict(), scaler.state_dict(), config.to_dict())  # type: ignore[attr-defined]
 
     def apply(self, network: Network, optimizer: torch.optim.Optimizer, scheduler: object, scaler: object) -> int:
         """Load into a freshly built network/optimizer; return the step to continue from."""
         network.load_state_dict(self.adapter)
         optimizer.load_state_dict(self.optimizer)
+        _state_to_param_devices(optimizer)
         scheduler.load_state_dict(self.scheduler)  # type: ignore[attr-defined]
         scaler.load_state_dict(self.scaler)  # type: ignore[attr-defined]
         return self.step
@@ -77,3 +80,28 @@ class TrainState:
             raise LoraFileError(msg, path=path)
         return cls(payload["step"], payload["losses"], payload["adapter"], payload["optimizer"], payload["scheduler"],
                    payload["scaler"], json.loads(payload["config"]))
+
+
+def _on_cpu(value: Any) -> Any:
+    """`value` (an optimizer state dict: nested dicts/lists of tensors) with every tensor copied to the CPU.
+
+    The copy matters on the CPU too: `Optimizer.state_dict()` returns the live state tensors, which the next steps
+    would change in place.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
+def _state_to_param_devices(optimizer: torch.optim.Optimizer) -> None:
+    """Move each parameter's loaded state next to it. torch's own optimizers already do this in `load_state_dict`;
+    others (bitsandbytes' 8-bit ones) keep the state where it was loaded, which is the CPU. Scalars stay: AdamW keeps
+    its `step` counter on the CPU unless it is capturable, and then its own loader moves it."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.device != param.device and value.dim() > 0:
+                state[key] = value.to(param.device)

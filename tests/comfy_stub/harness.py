@@ -30,6 +30,7 @@ def setup_host(tmp_path: Path, dataset: str | None = "style") -> Path:
     mm.interrupt_current_processing(False)
     mm.load_calls.clear()
     mm.current_loaded_models.clear()
+    mm.FREE_MEMORY = None
     if dataset:
         shutil.copytree(DEMO, base / "input" / dataset)
     return base

@@ -53,10 +53,12 @@ def build(kind="sd15", seed=0, dtype=torch.float32, dynamic=False):
         for param in unet.parameters():  # ldm zero-initialises output layers; a "trained" model has none
             if not param.any():
                 param.normal_(0.0, 0.05)
-        unet = unet.to(dtype).eval().requires_grad_(False)  # comfy.ops makes every weight requires_grad=False
-        encoders = {"l": CLIPTextModel(_text_config(False)).eval().requires_grad_(False)}
+        # ComfyUI 0.12.3 leaves loaded UNet/CLIP weights as inference tensors with requires_grad=True (seen in the real
+        # host: load_state_dict(assign=True) keeps the checkpoint tensors' flag), so the stand-in does too.
+        unet = unet.to(dtype).eval().requires_grad_(True)
+        encoders = {"h" if kind == "sd20v" else "l": CLIPTextModel(_text_config(False)).eval().requires_grad_(True)}
         if sdxl:
-            encoders["g"] = CLIPTextModelWithProjection(_text_config(True)).eval().requires_grad_(False)
+            encoders["g"] = CLIPTextModelWithProjection(_text_config(True)).eval().requires_grad_(True)
         base_cls = comfy.model_base.SDXL if sdxl else comfy.model_base.BaseModel
         base = base_cls(config_cls(unet_config), model_type, diffusion_model=unet)
         if sdxl:

@@ -100,13 +100,20 @@ class DiffusersBundle:
                 pooled = out.text_embeds.to(self.device)
         return Conditioning(torch.cat(states, dim=-1), pooled)
 
+    def place(self, device: torch.device | str, *, unet: bool = False, vae: bool = False,
+              text_encoders: bool = False) -> None:
+        """Move the chosen modules to `device`, each keeping its dtype (the runner stages encoders and UNet apart)."""
+        chosen = [self.unet] if unet else []
+        if vae:
+            chosen.append(self.vae)
+        if text_encoders:
+            chosen += [slot.module for slot in self.text_encoders]
+        for module in chosen:
+            module.to(device)
+
     def offload(self, *, vae: bool, text_encoders: bool, device: str = "cpu") -> None:
         """Move what the loop no longer needs off the accelerator (latents / text conditioning are cached)."""
-        if vae:
-            self.vae.to(device)
-        if text_encoders:
-            for slot in self.text_encoders:
-                slot.module.to(device)
+        self.place(device, vae=vae, text_encoders=text_encoders)
 
     # -- denoiser -----------------------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,

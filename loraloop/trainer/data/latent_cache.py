@@ -22,13 +22,14 @@ import random
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..bundle import SizeInfo
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingInterrupted
 from .dataset import TrainDataset
 from .images import file_sha256
 from .options import DatasetOptions
@@ -111,10 +112,15 @@ class LatentCache:
         return self._memory[key]
 
     def prepare(self, dataset: TrainDataset, batch_size: int = 1,
-                progress: Callable[[int, int], None] | None = None) -> None:
+                progress: Callable[[int, int], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> None:
         """Encode every image of `dataset` not cached yet, `batch_size` images of one bucket at a time.
 
-        `progress(done, total)` is called after each batch. Repeated items share one entry.
+        `progress(done, total)` is called after each batch. Repeated items share one entry. `should_stop` (a host's
+        Cancel, e.g. `ProgressSink.should_stop`) is asked before each image is loaded.
+
+        Raises:
+            TrainingInterrupted: `should_stop` returned True; what was encoded so far stays cached (and on disk).
         """
         pending: dict[str, int] = {}
         seen: set[str] = set()
@@ -132,7 +138,7 @@ class LatentCache:
             group = by_bucket[bucket]
             for start in range(0, len(group), max(1, batch_size)):
                 chunk = group[start : start + max(1, batch_size)]
-                self._encode_batch(dataset, chunk)
+                self._encode_batch(dataset, chunk, partial(_stop_check, should_stop, done, total))
                 done += len(chunk)
                 if progress is not None:
                     progress(done, total)
@@ -155,9 +161,12 @@ class LatentCache:
                 self.disk_hits += 1
         return cached
 
-    def _encode_batch(self, dataset: TrainDataset, chunk: list[tuple[str, int]]) -> None:
+    def _encode_batch(self, dataset: TrainDataset, chunk: list[tuple[str, int]],
+                      check_stop: Callable[[], None] | None = None) -> None:
         pixels, sizes = [], []
         for _key, index in chunk:
+            if check_stop is not None:
+                check_stop()
             image, size = dataset.load_pixels(index, dataset.crop_plan(index))
             pixels.append(image)
             sizes.append(size)
@@ -226,3 +235,9 @@ class LatentCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _stop_check(should_stop: Callable[[], bool] | None, done: int, total: int) -> None:
+    if should_stop is not None and should_stop():
+        msg = f"cancelled while caching latents ({done} of {total} images encoded; they stay cached)"
+        raise TrainingInterrupted(msg, step=0)

@@ -116,12 +116,8 @@ class DatasetOptions:
         _int_range("resolution", self.resolution, 64, _MAX_RESOLUTION)
         if self.resolution % _VAE_FACTOR:
             _fail("resolution", self.resolution, f"a multiple of {_VAE_FACTOR}")
-        step = self.bucket_reso_steps
-        _int_range("min_bucket_reso", self.min_bucket_reso, step, self.resolution)
-        _int_range("max_bucket_reso", self.max_bucket_reso, self.resolution, _MAX_RESOLUTION)
-        for key in ("min_bucket_reso", "max_bucket_reso"):
-            if getattr(self, key) % step:
-                _fail(key, getattr(self, key), f"a multiple of bucket_reso_steps ({step})")
+        if self.enable_bucket:  # without buckets every image is one resolution² square: the limits are unused
+            self._validate_bucket_limits()
 
         for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             value = getattr(self, key)
@@ -136,6 +132,14 @@ class DatasetOptions:
             _fail("background", self.background, "three integers 0-255, e.g. (255, 255, 255)")
         _int_range("max_image_pixels", self.max_image_pixels, 64 * 64, 10**12)
         _int_range("prefer_downscale_side", self.prefer_downscale_side, 0, 10**6)
+
+    def _validate_bucket_limits(self) -> None:
+        step = self.bucket_reso_steps
+        _int_range("min_bucket_reso", self.min_bucket_reso, step, self.resolution)
+        _int_range("max_bucket_reso", self.max_bucket_reso, self.resolution, _MAX_RESOLUTION)
+        for key in ("min_bucket_reso", "max_bucket_reso"):
+            if getattr(self, key) % step:
+                _fail(key, getattr(self, key), f"a multiple of bucket_reso_steps ({step})")
 
 
 def _fail(key: str, value: object, allowed: str) -> NoReturn:

@@ -348,7 +348,7 @@ def _make_record(path: Path, folder: _Folder, options: DatasetOptions, metadata:
         scan.problems.append(Problem(path, f"is {header.width}x{header.height}: a 1-pixel image (placeholder or broken "
                                            "export?); skipped"))
         return None
-    if small < options.min_bucket_reso:
+    if options.enable_bucket and small < options.min_bucket_reso:  # without buckets, images are resized to fit
         scan.problems.append(Problem(path, f"is {header.width}x{header.height}, smaller than the smallest bucket side "
                                            f"(min_bucket_reso = {options.min_bucket_reso}); skipped. Use a larger "
                                            "image or lower min_bucket_reso"))

@@ -64,7 +64,8 @@ class RunShape:
         sample_prompts: prompts sampled during training (0: none); at `sample_resolution`.
         weights_resident: the host already holds the frozen model on the device (it is not part of the need).
         cache_with_unet_resident: latents/text are cached while the UNet is already on the device (the standalone
-            runner should cache first: at SDXL 1024 the VAE's encode transient beside the UNet breaks 8 GB).
+            runner caches first, `runner.encode_then_load_unet`: at SDXL 1024 the VAE's encode transient beside the
+            UNet breaks 8 GB).
         cache_batch_size: images the VAE encodes at once while caching (`LatentCache.prepare(batch_size=…)`).
     """
 
@@ -110,8 +111,9 @@ class RunShape:
             "network_type": config.network_type, "train_text_encoder": config.train_text_encoder,
             "gradient_checkpointing": config.gradient_checkpointing,
             "cache_latents": config.cache_latents and not config.random_crop,
-            "cache_text": not config.train_text_encoder and config.caption_dropout_rate == 0
-            and not config.shuffle_caption and config.caption_tag_dropout_rate == 0,
+            "cache_text": config.cache_text_encoder_outputs and not config.train_text_encoder
+            and config.caption_dropout_rate == 0 and not config.shuffle_caption
+            and config.caption_tag_dropout_rate == 0,
             "optimizer": config.optimizer, "mixed_precision": config.mixed_precision,
             "sample_prompts": len(config.sample_prompts) if config.sample_every_n_steps else 0,
             "sample_resolution": res,

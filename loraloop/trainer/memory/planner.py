@@ -113,14 +113,19 @@ class Plan:
         return None if self.total_steps is None else self.time.total(self.total_steps)
 
     def apply(self, config: TrainConfig) -> TrainConfig:
-        """`config` with the plan's values (the chunk size and encoder offloading are given to the runner apart)."""
+        """`config` with the plan's values (the chunk size, cache batch and encoder offloading are given to the runner
+        apart). `cache_text_encoder_outputs` changes only when the plan changed it: where captions rule caching out,
+        the user's switch is kept for the next run rather than written as false."""
         s = self.shape
         max_bucket = max(config.max_bucket_reso, self.resolution) if self.resolution == config.resolution else \
             min(config.max_bucket_reso, max(self.resolution * 2, config.min_bucket_reso))
+        changed = {c.key for c in self.changes}
+        cache_text = s.cache_text if "cache_text_encoder_outputs" in changed else config.cache_text_encoder_outputs
         return replace(config, batch_size=s.batch_size, accumulation_steps=s.accumulation_steps,
                        lora_rank=s.lora_rank, resolution=self.resolution, max_bucket_reso=max_bucket,
                        gradient_checkpointing=s.gradient_checkpointing, cache_latents=s.cache_latents,
-                       optimizer=s.optimizer, mixed_precision=s.mixed_precision).validate()
+                       cache_text_encoder_outputs=cache_text, optimizer=s.optimizer,
+                       mixed_precision=s.mixed_precision).validate()
 
     def lines(self) -> list[str]:
         """Human-readable summary, one fact per line (the CLI prints these)."""
@@ -213,13 +218,18 @@ def _bucket(config: TrainConfig, resolution: int, facts: DatasetFacts) -> tuple[
     return (max(64, int(w * scale) // 64 * 64), max(64, int(h * scale) // 64 * 64))
 
 
+def _text_cacheable(config: TrainConfig, facts: DatasetFacts) -> bool:
+    """Captions never change and no text encoder is trained: caching text outputs is possible (`caches_text`)."""
+    return facts.captions_static and not config.train_text_encoder and not config.shuffle_caption and \
+        config.caption_dropout_rate == 0 and config.caption_tag_dropout_rate == 0
+
+
 def _base_shape(config: TrainConfig, request: PlanRequest) -> RunShape:
+    """The user's own settings as a shape: the reference every change is measured against."""
     facts = request.dataset
-    static = facts.captions_static and not config.shuffle_caption and config.caption_dropout_rate == 0 and \
-        config.caption_tag_dropout_rate == 0
     return RunShape.from_config(config, request.info.family.name, bucket=_bucket(config, config.resolution, facts),
                                 mean_area=facts.mean_area, weights_resident=request.weights_resident,
-                                cache_text=static and not config.train_text_encoder)
+                                cache_text=config.cache_text_encoder_outputs and _text_cacheable(config, facts))
 
 
 def _speed_options(config: TrainConfig, request: PlanRequest) -> dict[str, list]:
@@ -236,15 +246,15 @@ def _speed_options(config: TrainConfig, request: PlanRequest) -> dict[str, list]
         usable = request.optimizers or tuple(k for k, ok in available().items() if ok)
         optimizers = [o for o in ("adamw", "adamw8bit") if o in usable] or [config.optimizer]
     can_cache_latents = not config.random_crop
-    static_text = request.dataset.captions_static and not config.train_text_encoder and not config.shuffle_caption \
-        and config.caption_dropout_rate == 0 and config.caption_tag_dropout_rate == 0
+    can_cache_text = _text_cacheable(config, request.dataset)
     return {
         "batch_size": batches,
         "gradient_checkpointing": [False, True] if "gradient_checkpointing" in auto else
         [config.gradient_checkpointing],
         "cache_latents": [can_cache_latents] if "cache_latents" in auto else [config.cache_latents],
-        # Text caching has no config key yet: the runner caches whenever captions are static (the best choice).
-        "cache_text": [static_text],
+        # Caching is never slower and always smaller, so `auto` caches whenever the captions allow it.
+        "cache_text": [can_cache_text] if "cache_text_encoder_outputs" in auto else
+        [config.cache_text_encoder_outputs and can_cache_text],
         "optimizer": optimizers,
         "mixed_precision": precisions,
     }

@@ -18,6 +18,7 @@ appended to `RunInfo.changes` (written into the LoRA as `loraloop_changes`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -92,7 +93,9 @@ class OomRecovery:
     Args:
         bundle: the model bundle being trained (for checkpointing and offloading).
         batches: the run's `BatchMaker` (chunk size, caches, bucket cap act on it).
-        config: the run's config (batch size, caching, optimizer, sampling).
+        config: the run's config (batch size, caching, optimizer, sampling). `self.config` follows the ladder: after
+            a rung it holds the changed setting (gradient_checkpointing, cache_latents, cache_text_encoder_outputs,
+            optimizer, lora_rank), so the LoRA's metadata and the resumable state describe the run as it ended.
         run: the run's `RunInfo`; every adjustment is appended to `run.changes`.
         spill_guard: detects spills into system RAM (None: off; default on for CUDA).
         advise: returns what would fit (e.g. from the planner) for the give-up message.
@@ -168,6 +171,7 @@ class OomRecovery:
             return None
         self._stack.enter_context(gradient_checkpointing(self.bundle.unet, True))
         self._checkpointing = True
+        self._set(gradient_checkpointing=True)
         return Adjustment("gradient_checkpointing", "gradient_checkpointing", False, True, step, cause)
 
     def _rung_cache(self, step: int, cause: str, *_: Any) -> Adjustment | None:
@@ -181,12 +185,14 @@ class OomRecovery:
 
             batches.latent_cache = LatentCache(self.bundle.encode_images, options=dataset.options,
                                                encoder_id=f"{self.bundle.name}|{self.bundle.family.name}")
+            self._set(cache_latents=True)
             done.append("latents")
-        static = dataset.captions_are_static and not self.config.train_text_encoder
-        if not batches._text and static:  # BatchMaker has no public switch; its own helper fills the cache
-            batches._cache_text()
+        # Like `batches.caches_text`, minus the config switch: out of memory, the ladder overrides a user's "off".
+        if not batches.text_cached and dataset.captions_are_static and not self.config.train_text_encoder:
+            batches.cache_text_outputs()
+            self._set(cache_text_encoder_outputs=True)
             done.append("text outputs")
-        moved = self._offload_encoders(latents=batches.latent_cache is not None, text=bool(batches._text))
+        moved = self._offload_encoders(latents=batches.latent_cache is not None, text=batches.text_cached)
         if not done and not moved:
             return None
         what = " and ".join(done) or "nothing new"
@@ -224,6 +230,7 @@ class OomRecovery:
                      if self.config.optimizer == "adamw" else f"optimizer is {self.config.optimizer}")
             return None
         self.optimizer = swap_optimizer(optimizer, "adamw8bit")
+        self._set(optimizer="adamw8bit")
         return Adjustment("optimizer", "optimizer", "adamw", "adamw8bit (state restarted)", step, cause)
 
     def _rung_bucket(self, step: int, cause: str, *_: Any) -> Adjustment | None:
@@ -257,7 +264,13 @@ class OomRecovery:
         new = max(MIN_RANK, old // 2)
         shrink_network_rank(roots, new, self.optimizer or optimizer, params)
         self.rank = self.lowered_rank = new
+        self._set(lora_rank=new)
         return Adjustment("rank", "lora_rank", old, new, step, f"{cause}; adapters truncated by SVD")
+
+    def _set(self, **changes: Any) -> None:
+        """Record a rung's setting in `self.config` (a frozen TrainConfig; other config objects are left alone)."""
+        if dataclasses.is_dataclass(self.config):
+            self.config = dataclasses.replace(self.config, **changes)
 
     def _give_up_message(self, step: int, cause: str) -> str:
         tried = "; ".join(f"{a.key} {a.new}" for a in self.adjustments) or "nothing could be changed"

@@ -49,6 +49,7 @@ class BaseModel(torch.nn.Module):
         timestep = self.model_sampling.timestep(t).float()
         context = None if c_crossattn is None else c_crossattn.to(xc.device, dtype)
         extra = {k: v.to(xc.device, dtype) for k, v in kwargs.items() if hasattr(v, "dtype")}
+        self.last_transformer_options = transformer_options  # what a caller asked of attention (for assertions)
         out = self.diffusion_model(xc, timestep, context=context, **extra)
         return self.model_sampling.calculate_denoised(sigma, out.float(), x)
 

@@ -1,5 +1,6 @@
 """Stand-in for comfy/model_management.py (ComfyUI 0.12.3): loading bookkeeping and the interrupt flag."""
 
+import os
 import threading
 
 import torch
@@ -34,6 +35,26 @@ def throw_exception_if_processing_interrupted():
         if interrupt_processing:
             interrupt_processing = False
             raise InterruptProcessingException()
+
+
+FREE_MEMORY = None  # tests set bytes here; None: the machine's available RAM, as 0.12.3 reports for the CPU
+
+
+def _available_ram():
+    """psutil.virtual_memory().available, which 0.12.3 reports for the CPU: MemAvailable (free + reclaimable)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def get_free_memory(dev=None, torch_free_too=False):
+    if FREE_MEMORY is not None:
+        free = FREE_MEMORY
+    else:
+        free = _available_ram()
+    return (free, free) if torch_free_too else free
 
 
 def get_torch_device():

@@ -11,13 +11,38 @@ log = logging.getLogger(__name__)
 CHUNK = 77
 
 
+class _ClipSlot(torch.nn.Module):
+    """sd1_clip.SDClipModel's shape: the text model is its `transformer` (module names `clip_l.transformer.…`)."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+
+class ClipModels(torch.nn.Module):
+    """SD1ClipModel / SDXLClipModel's shape: one `clip_<name>` attribute per encoder (clip_l for SD1, clip_h for SD2,
+    clip_l + clip_g for SDXL), tokens keyed by <name>."""
+
+    def __init__(self, encoders):
+        super().__init__()
+        self.names = list(encoders)
+        for name, transformer in encoders.items():
+            setattr(self, f"clip_{name}", _ClipSlot(transformer))
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def items(self):
+        return [(name, getattr(self, f"clip_{name}").transformer) for name in self.names]
+
+
 class CLIP:
-    """`encoders`: {"l": CLIPTextModel} (SD1/SD2) or {"l": …, "g": CLIPTextModelWithProjection} (SDXL)."""
+    """`encoders`: {"l": CLIPTextModel} (SD1), {"h": …} (SD2) or {"l": …, "g": CLIPTextModelWithProjection} (SDXL)."""
 
     def __init__(self, encoders, tokenizer, no_init=False):
         if no_init:
             return
-        self.cond_stage_model = torch.nn.ModuleDict(encoders)
+        self.cond_stage_model = ClipModels(encoders)
         self.tokenizer = tokenizer
         self.patcher = ModelPatcher(self.cond_stage_model, torch.device("cpu"), torch.device("cpu"))
         self.layer_idx = None
