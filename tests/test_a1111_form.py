@@ -222,6 +222,10 @@ def test_a_plannable_bool_defaulting_to_auto_is_an_auto_on_off_dropdown(auto_che
     with pytest.raises(ConfigError) as err:
         form.parse_values({"gradient_checkpointing": "sometimes"})
     assert err.value.key == "gradient_checkpointing"
+    # a switch the planner cannot choose: the error says which keys may be auto (not "may not be empty")
+    with pytest.raises(ConfigError, match="cannot be auto") as err:
+        form.resolve(form.parse_values({"flip_aug": "auto"}), *sd1)
+    assert err.value.key == "flip_aug"
 
 
 def test_auto_on_off_through_yaml(auto_checkpointing):

@@ -257,6 +257,10 @@ def test_text_encoder_training_inside_comfyui(host, kind, prefixes):
     assert len([k for k in te if k.startswith(layer + "_") and k.endswith(".lora_down.weight")]) == 6 * n_layers
     assert run.clip is not clip and {s.split("_text_model_")[0] for s in run.clip.patcher.patches} == prefixes
     assert not clip.patcher.patches
+    # No model-management call while the weights are re-wrapped: after the load for training, only the final
+    # preview's VAE decode loads anything (a CLIP load mid-training could unload part of the UNet on a GPU).
+    after = mm.load_calls[[memory for _, memory, _ in mm.load_calls].index(1e20) + 1 :]
+    assert all(clip.patcher not in models for models, _, _ in after)
 
 
 def test_text_encoder_lora_continues_only_with_train_text_encoder(host):

@@ -99,3 +99,16 @@ def test_workflow_matches_node_definitions(tmp_path, path):
 
 def nodes_schema(node_id):
     return next(n.GET_SCHEMA() for n in nodes.NODES if n.GET_SCHEMA().node_id == node_id)
+
+
+def test_widget_order_is_frozen_and_lists_every_option(tmp_path):
+    """Saved workflows hold widget values by position: LoRATrainConfig's widgets follow WIDGET_ORDER, which must list
+    every engine option that is not host-owned (append new ones at its end, never insert)."""
+    from loraloop.comfy.config_inputs import HOST_OWNED, WIDGET_ORDER
+    from loraloop.trainer.config import field_help
+
+    setup_host(tmp_path, None)
+    assert len(set(WIDGET_ORDER)) == len(WIDGET_ORDER)
+    assert set(WIDGET_ORDER) == set(field_help()) - set(HOST_OWNED), "append new options to WIDGET_ORDER"
+    ids = [i.id for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs]
+    assert ids[: len(WIDGET_ORDER)] == list(WIDGET_ORDER)

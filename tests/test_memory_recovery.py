@@ -154,6 +154,9 @@ class TestLadder:
         assert recovery.adjustments[-1].rung == "rank" and recovery.rank == 4
         downs = [v for k, v in result.state_dict.items() if k.endswith("lora_down.weight")]
         assert downs and all(v.shape[0] == 4 for v in downs)
+        # alpha is not a function of the new rank: the recorded config says what the tensors hold
+        alphas = {float(v) for k, v in result.state_dict.items() if k.endswith(".alpha")}
+        assert alphas == {8.0} and result.config.lora_rank == 4 and result.config.alpha == 8.0
 
 
 class TestCallbacks:

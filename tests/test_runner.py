@@ -126,3 +126,33 @@ def test_auto_keys_in_yaml(tmp_path):
     path.write_text("lora_rank: auto\ngradient_checkpointing: true\n")
     config = load_config(path)
     assert "lora_rank" in config.auto and "gradient_checkpointing" not in config.auto
+
+
+def test_apply_plan_rebuilds_the_dataset_when_the_plan_changes_its_buckets(demo_dataset):
+    """One post-plan step for the CLI, ComfyUI and A1111: a plan that caps the largest bucket (resolution unchanged)
+    rebuilds the dataset, through the host's own builder when one is given."""
+    from dataclasses import replace as _replace
+
+    from loraloop.trainer.batches import dataset_options
+    from loraloop.trainer.config import TrainConfig
+    from loraloop.trainer.data import TrainDataset
+    from loraloop.trainer.runner import apply_plan
+
+    config = TrainConfig(train_data_dir=str(demo_dataset), resolution=64, min_bucket_reso=32, max_bucket_reso=128,
+                         bucket_reso_steps=32).validate()
+    dataset = TrainDataset.from_options(dataset_options(config), seed=0)
+
+    class Plan:
+        def __init__(self, **changes):
+            self.changes = changes
+
+        def apply(self, cfg):
+            return _replace(cfg, **self.changes)
+
+    built = []
+    same, kept = apply_plan(Plan(), config, dataset, rebuild=lambda cfg: built.append(cfg))
+    assert kept is dataset and same == config and built == []
+    capped, rebuilt = apply_plan(Plan(max_bucket_reso=64), config, dataset)
+    assert capped.max_bucket_reso == 64 and rebuilt is not dataset and rebuilt.options.max_bucket_reso == 64
+    apply_plan(Plan(max_bucket_reso=64), config, dataset, rebuild=lambda cfg: built.append(cfg) or dataset)
+    assert [c.max_bucket_reso for c in built] == [64]

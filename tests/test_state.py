@@ -83,7 +83,8 @@ class TestApply:
 
 class TestSavedFile:
     def test_holds_only_cpu_tensors_and_resumes_like_a_straight_run(self, tiny_sd1, demo_dataset, tmp_path):
-        """A state saved mid-run has nothing but CPU tensors; resuming it gives the straight run's losses."""
+        """A state saved mid-run has nothing but CPU tensors (this half bites on an accelerator; on CPU the capture's
+        copy is checked by TestCapture) and resuming it gives the straight run's losses."""
         config = config_for(demo_dataset, max_train_steps=4, save_precision="fp32")
         straight = train(tiny_sd1, batches_for(tiny_sd1, config), config)
         with pytest.raises(TrainingInterrupted) as stop:

@@ -249,7 +249,11 @@ def resolve(settings: TabSettings, family: Family, prediction_type: str, model_d
             base_model: str | None = None) -> TrainConfig:
     """The TrainConfig of a run on the loaded model. Raises ConfigError naming the field at fault."""
     keep = set(plannable())  # `key: auto` hands a plannable key to the planner (from_mapping)
-    mapping = {k: (None if _is_auto(v) and k not in keep else v) for k, v in settings.mapping.items()}
+    bools = {f.name for f in fields(TrainConfig) if str(f.type) == "bool"}
+    # A non-plannable "auto" means "the default" (an unset optional), except for a switch: from_mapping then says
+    # which keys may be auto.
+    mapping = {k: (None if _is_auto(v) and k not in keep and k not in bools else v)
+               for k, v in settings.mapping.items()}
     config = from_mapping(mapping, "the LoRA Loop tab")
     changes: dict[str, Any] = {"family": family.name, "prediction_type": prediction_type}
     if base_model:

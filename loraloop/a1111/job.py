@@ -34,14 +34,15 @@ from torch import nn
 from ..trainer.batches import dataset_options
 from ..trainer.config import TrainConfig
 from ..trainer.data import TrainDataset, process_caption, tag_frequency
-from ..trainer.errors import ConfigError, LoraFileError, LoraLoopError, TrainingInterrupted, UnsupportedModelError
+from ..trainer.errors import (ConfigError, LoraFileError, LoraLoopError, OutOfMemory, TrainingInterrupted,
+                              UnsupportedModelError)
 from ..trainer.loop import TrainResult, make_schedule, network_spec, train
 from ..trainer.lorafile import load_lora
 from ..trainer.metadata import RunInfo
 from ..trainer.network import NetworkSpec, spec_from_state_dict
 from ..trainer.periodic import PeriodicSaver
 from ..trainer.plot import loss_curve
-from ..trainer.runner import plan_memory, prepare_batches, sample_grid
+from ..trainer.runner import apply_plan, plan_memory, prepare_batches, sample_grid
 from . import forge, form, outputs, webui
 from .bundle import WebuiBundle
 from .sink import LIVE, LiveStatus, WebuiSink
@@ -49,10 +50,6 @@ from .sink import LIVE, LiveStatus, WebuiSink
 log = logging.getLogger(__name__)
 
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
-
-
-class OutOfMemory(LoraLoopError):
-    """Training ran out of device memory; the message says what to lower."""
 
 
 @dataclass
@@ -211,16 +208,6 @@ def check_model_supports(config: TrainConfig, bundle: WebuiBundle) -> None:
                           key="train_text_encoder", value=True, allowed=(False,))
 
 
-def text_is_cached(batches: Any, config: TrainConfig, dataset: TrainDataset) -> bool:
-    """Whether `prepare_batches` cached the text conditioning of every caption, so the text encoder may leave the
-    device: never with `cache_text_encoder_outputs: false`, dynamic captions or a trained text encoder."""
-    cached = getattr(batches, "text_cached", None)
-    if cached is not None:
-        return bool(cached)
-    return (bool(getattr(config, "cache_text_encoder_outputs", True)) and dataset.captions_are_static
-            and not config.train_text_encoder)
-
-
 def preview_prompt(config: TrainConfig, dataset: TrainDataset) -> str:
     if config.sample_prompts:
         return config.sample_prompts[0]
@@ -290,11 +277,9 @@ def plan_run(config: TrainConfig, dataset: TrainDataset, bundle: WebuiBundle,
         return config, dataset, None
     if plan is None:
         return config, dataset, None
-    planned = plan.apply(config)
+    planned, dataset = apply_plan(plan, config, dataset)
     if planned.mixed_precision == "no" and bundle.dtype != torch.float32:  # the webui's weights decide precision
         planned = replace(planned, mixed_precision=config.mixed_precision)
-    if planned.resolution != config.resolution:
-        dataset = TrainDataset.from_options(dataset_options(planned), seed=planned.seed)
     return planned, dataset, plan.chunk_size
 
 
@@ -323,7 +308,7 @@ def _train(bundle: WebuiBundle, config: TrainConfig, settings: form.TabSettings,
             except TrainingInterrupted:  # Cancel while caching latents: nothing trained, nothing to save
                 return None, None, None
             batches.chunk_size = chunk_size
-            if text_is_cached(batches, config, dataset):  # the text encoder is idle: previews use the cache too
+            if batches.text_cached:  # the text encoder is idle: previews use the cache too
                 bundle.cache_text([*config.sample_prompts, prompt, ""])
                 placements.offload(bundle.text_module, "text encoder")
             if batches.latent_cache is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from ..trainer.batches import dataset_options
+from ..trainer.batches import caches_text, dataset_options
 from ..trainer.config import TrainConfig
 from ..trainer.data import TrainDataset
 from ..trainer.errors import LoraLoopError
@@ -28,8 +28,7 @@ def run_plan_lines(config: TrainConfig, *, text_encoder_trainable: bool, lowvram
     batches = len(dataset.epoch_batches(0, config.batch_size))
     schedule = make_schedule(config, batches)
     epochs = -(-schedule.total_steps // schedule.steps_per_epoch)
-    cache_text = (bool(getattr(config, "cache_text_encoder_outputs", True)) and dataset.captions_are_static
-                  and not config.train_text_encoder)
+    cache_text = caches_text(config, dataset)
     parts = ["UNet", "text encoder"] if config.train_text_encoder and text_encoder_trainable else ["UNet"]
     lines = [
         f"{len(dataset.records)} images, {len(dataset)} samples per epoch, {batches} batches of up to "

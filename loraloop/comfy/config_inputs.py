@@ -31,14 +31,27 @@ HOST_OWNED: dict[str, str] = {
     "overwrite": "files are never overwritten: saved names are made unique",
     "logging_dir": "an absolute folder would make the workflow machine-specific",
     "cache_latents_to_disk": "latents are cached in memory inside ComfyUI",
-    "auto": "set a widget to 'auto' to let the memory planner choose it; batch_size x accumulation_steps may always "
-            "be split into smaller micro-batch chunks when memory is short (what is learned stays the same)",
+    "auto": "set a widget to 'auto' to let the memory planner choose it; as in the CLI's default, the planner may "
+            "also trade batch_size for accumulation_steps (same effective batch) and split micro-batches into chunks",
 }
-# The memory planner may always split a batch into chunks: that changes how the work is done, not what is learned.
+# As the engine's default `auto`: the planner may trade batch_size for accumulation_steps, keeping their product.
 ALWAYS_PLANNED = frozenset({"batch_size", "accumulation_steps"})
 # Resolved by the node itself from the MODEL ("auto" = the family's size / the model's dtype), never lowered by the plan.
 NODE_RESOLVED = frozenset({"resolution", "mixed_precision"})
 SWITCH = {"on": True, "off": False}  # a plannable bool whose default is "auto" is a combo auto/on/off
+# LoRATrainConfig's widget order. A saved workflow stores widget values by position (`widgets_values`), so this order
+# never changes: a new engine option is APPENDED here (a test fails until it is listed), wherever it sits in
+# TrainConfig.
+WIDGET_ORDER = (
+    "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "random_crop", "flip_aug",
+    "shuffle_caption", "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate", "cache_latents",
+    "cache_text_encoder_outputs", "network_type", "lora_rank", "lora_alpha", "lora_dropout", "conv_rank", "conv_alpha",
+    "target_modules", "train_text_encoder", "text_encoder_lr", "resume_lora", "batch_size", "accumulation_steps",
+    "epochs", "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "optimizer",
+    "weight_decay", "max_grad_norm", "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "noise_offset",
+    "seed", "save_precision", "save_every_n_steps", "save_every_n_epochs", "save_last_n", "sample_prompts",
+    "sample_every_n_steps", "sample_steps", "sample_cfg", "vram_budget_gb", "memory_margin",
+)
 NONE_AS_ZERO = "0 = off / use the default"
 NODE_DEFAULTS = HOST_DEFAULTS  # node defaults that differ from the engine's (shared with the A1111 tab)
 SMALL_FLOAT = 0.01  # floats with smaller defaults get a fine step and no rounding (learning rates)
@@ -55,12 +68,13 @@ def _tooltip(meta: dict, extra: str = "") -> str:
 
 
 def widget_inputs(io: Any, lora_names: list[str]) -> list:
-    """One io input per engine option that is not host-owned, in TrainConfig's order."""
+    """One io input per engine option that is not host-owned, in `WIDGET_ORDER` (then any option not listed yet)."""
     inputs = []
     types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
-    for name, meta in field_help().items():
-        if name in HOST_OWNED:
-            continue
+    helps = field_help()
+    names = [*WIDGET_ORDER, *(n for n in helps if n not in WIDGET_ORDER and n not in HOST_OWNED)]
+    for name in names:
+        meta = helps[name]
         base, optional = _base_type(types[name])
         default = NODE_DEFAULTS.get(name, meta["default"])
         choices = meta.get("choices")
@@ -147,6 +161,10 @@ def node_config(widgets: dict[str, Any], base: dict[str, Any] | None = None) -> 
             value = None
         values[name] = value
     for name, value in (base or {}).items():
+        if value == AUTO:  # an imported `key: auto` hands the key to the planner / the node, as a widget set to auto
+            values.pop(name, None)
+            auto.add(name)
+            continue
         values[name] = value
         auto.discard(name)
     return NodeConfig(values, frozenset(auto))

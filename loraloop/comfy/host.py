@@ -161,23 +161,24 @@ def autograd_safe_residuals(roots: list[nn.Module]) -> Iterator[int]:
             handle.remove()
 
 
-# kohya prefix per ComfyUI CLIP slot: SD1 has clip_l, SD2 clip_h, SDXL clip_l (te1) and clip_g (te2).
-CLIP_SLOTS = {False: (("clip_l", "lora_te"), ("clip_h", "lora_te")), True: (("clip_l", "lora_te1"), ("clip_g", "lora_te2"))}
+# ComfyUI CLIP slot → kohya prefix, per family: SD1 has clip_l, SD2 clip_h, SDXL clip_l (te1) and clip_g (te2).
+CLIP_SLOTS = {"sd1": (("clip_l", "lora_te"),), "sd2": (("clip_h", "lora_te"),), "sd2-v": (("clip_h", "lora_te"),),
+              "sdxl": (("clip_l", "lora_te1"), ("clip_g", "lora_te2"))}
 
 
 def text_encoder_slots(clip: object, family: Family) -> list[TextEncoderSlot]:
     """The CLIP's text models as engine slots (for text-encoder LoRA training)."""
     model = getattr(clip, "cond_stage_model", None)
     slots = []
-    for attr, prefix in CLIP_SLOTS[family.is_sdxl]:
+    expected = CLIP_SLOTS[family.name]
+    for attr, prefix in expected:
         transformer = getattr(getattr(model, attr, None), "transformer", None)
         if isinstance(transformer, nn.Module):
             slots.append(TextEncoderSlot(transformer, prefix))
-    if len(slots) != (2 if family.is_sdxl else 1):
+    if len(slots) != len(expected):
         found = sorted(n for n, _ in model.named_children()) if isinstance(model, nn.Module) else type(model).__name__
         msg = (f"cannot train the text encoder of this CLIP ({found}); a {family.name} CLIP has "
-               f"{' and '.join(a for a, _ in CLIP_SLOTS[family.is_sdxl][: 2 if family.is_sdxl else 1])}; "
-               "set train_text_encoder off to train the UNet only")
+               f"{' and '.join(a for a, _ in expected)}; set train_text_encoder off to train the UNet only")
         raise UnsupportedModelError(msg)
     return slots
 
@@ -194,7 +195,7 @@ class ComfyBundle:
 
     Args:
         model: the MODEL input (trained in place through the engine's adapters, restored afterwards).
-        clip: the CLIP input (encodes captions; frozen).
+        clip: the CLIP input (encodes captions; its text models get adapters when the text encoder trains).
         vae: the VAE input (encodes images; frozen); may be None when latents are never encoded.
         name: written as `ss_sd_model_name`.
     """
@@ -216,6 +217,7 @@ class ComfyBundle:
         self.preview_decode = False  # True while training: decode previews without loading the VAE
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.live_text = False  # True while the text encoder trains: encode through the (adapted) CLIP every time
+        self.clip_resident = False  # True while TrainLoRA holds the CLIP loaded for training (see `_encode_tokens`)
         self._attention_override = training_attention()
 
     @property
@@ -265,17 +267,36 @@ class ComfyBundle:
     @torch.no_grad()
     def _encode_one(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if caption not in self._text_cache:
-            tokens = self.clip.tokenize(caption)  # type: ignore[attr-defined]
-            context, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)  # type: ignore[attr-defined]
-            pooled = pooled.detach().float().cpu().clone() if (pooled is not None and self.family.is_sdxl) else None
+            context, pooled = self._encode_tokens(caption)
+            pooled = pooled.detach().float().cpu().clone() if pooled is not None else None
             self._text_cache[caption] = (context.detach().float().cpu().clone(), pooled)
         return self._text_cache[caption]
 
     def _encode_live(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Through the CLIP as it is now (adapters included), with autograd as the caller has it."""
+        context, pooled = self._encode_tokens(caption)
+        return context.float(), pooled.float() if pooled is not None else None
+
+    def _encode_tokens(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context, pooled or None) of one caption.
+
+        While `clip_resident` (TrainLoRA loaded the CLIP beside the UNet for training) this is `CLIP.encode_from_tokens`
+        without its `load_model()`: a model-management call mid-training could unload part of the UNet, to make room
+        for inference memory, while its weights are re-wrapped for autograd. Otherwise (and on a ComfyUI without these
+        methods) it is the public call, which loads the CLIP as ComfyUI likes.
+        """
         tokens = self.clip.tokenize(caption)  # type: ignore[attr-defined]
-        context, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)  # type: ignore[attr-defined]
-        return context.float(), pooled.float() if (pooled is not None and self.family.is_sdxl) else None
+        model = self.clip.cond_stage_model  # type: ignore[attr-defined]
+        direct = ("reset_clip_options", "set_clip_options", "encode_token_weights")
+        if self.clip_resident and all(hasattr(model, n) for n in direct):
+            model.reset_clip_options()
+            if getattr(self.clip, "layer_idx", None) is not None:
+                model.set_clip_options({"layer": self.clip.layer_idx})  # type: ignore[attr-defined]
+            model.set_clip_options({"execution_device": self.clip.patcher.load_device})  # type: ignore[attr-defined]
+            context, pooled = model.encode_token_weights(tokens)[:2]
+        else:
+            context, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)  # type: ignore[attr-defined]
+        return context, pooled if self.family.is_sdxl else None
 
     def train_text_encoders(self) -> None:
         """Expose the CLIP's text models to the engine and encode captions live from now on."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ..trainer.config import from_mapping
+from ..trainer.config import ALIASES, AUTO, from_mapping
 from ..trainer.errors import ConfigError, DatasetError
 from ..trainer.lorafile import atomic_write
 from . import paths
@@ -152,7 +152,14 @@ def _read_yaml(name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{name} must hold a mapping of key: value pairs", key="import_yaml", value=name)
     checked = from_mapping(data, name).to_dict()  # unknown keys and bad types raise, naming the key
-    return {k: checked[k] for k in (key.strip().replace("-", "_") for key in data) if k in checked and k not in HOST_OWNED}
+    out: dict[str, Any] = {}
+    for raw, value in data.items():
+        key = raw.strip().replace("-", "_")
+        key = key if key in checked else ALIASES.get(key)  # kohya names → ours
+        if key is None or key in HOST_OWNED:
+            continue
+        out[key] = AUTO if isinstance(value, str) and value.strip().lower() == AUTO else checked[key]
+    return out
 
 
 class TrainLoRA(io.ComfyNode):

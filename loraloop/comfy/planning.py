@@ -11,16 +11,12 @@ import logging
 from dataclasses import dataclass
 
 from ..trainer.config import TrainConfig
-from ..trainer.errors import ConfigError, LoraLoopError
+from ..trainer.errors import ConfigError, OutOfMemory
 from ..trainer.memory.autoplan import plan_for_config
 from ..trainer.memory.devices import GIB
 from ..trainer.memory.planner import Plan
 
 log = logging.getLogger(__name__)
-
-
-class OutOfMemory(LoraLoopError):
-    """The run does not fit in the memory ComfyUI can free; the message says what would."""
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
-"""One TrainLoRA run inside ComfyUI: encode once, evict the rest, train the host's UNet in place, hand it back.
+"""One TrainLoRA run inside ComfyUI: plan, encode, evict the rest, train the host's UNet (and CLIP) in place, hand back.
 
 Order matters (hosts.md §3, Part C):
-1. captions and images are encoded first, with ComfyUI loading the CLIP and VAE as it likes;
-2. the MODEL is loaded with every other model evicted (`load_models_gpu`, full load unless dynamic VRAM);
-3. its inference-tensor weights are re-wrapped for autograd without a copy (`host.trainable_weights`), the engine
-   trains (adapters injected and always removed), and the original Parameter objects are put back;
-4. the LoRA is applied to clones of MODEL/CLIP only (`comfy.sd.load_lora_for_models`); the input MODEL is untouched.
+1. the memory plan is made before anything is encoded or loaded (a run that cannot fit stops here, with advice);
+2. images are encoded once, and captions too unless they change per step or the text encoder trains, with ComfyUI
+   loading the CLIP and VAE as it likes;
+3. the MODEL (and the CLIP when text is encoded during training) is loaded with every other model evicted
+   (`load_models_gpu`, full load unless dynamic VRAM); text is then encoded without model-management calls (only
+   `cache_latents: false` still encodes images through ComfyUI's VAE loader every step: keep it on inside ComfyUI);
+4. inference-tensor weights are re-wrapped for autograd without a copy (`host.trainable_weights`), the engine trains
+   (adapters injected and always removed), and the original Parameter objects are put back;
+5. the LoRA is applied to clones of MODEL/CLIP only (`comfy.sd.load_lora_for_models`); the inputs are untouched.
 """
 
 from __future__ import annotations
@@ -22,20 +26,20 @@ import torch
 from ..trainer.batches import BatchMaker
 from ..trainer.config import TrainConfig
 from ..trainer.data import tag_frequency
-from ..trainer.errors import LoraFileError, TrainingInterrupted
+from ..trainer.errors import LoraFileError, OutOfMemory, TrainingInterrupted
 from ..trainer.lorafile import load_lora, save_lora
 from ..trainer.loop import TrainResult, make_schedule, network_spec, train
 from ..trainer.metadata import RunInfo
 from ..trainer.network import Network, NetworkSpec, spec_from_state_dict
 from ..trainer.periodic import PeriodicSaver
 from ..trainer.plot import loss_curve, to_pil
-from ..trainer.runner import prepare_batches
+from ..trainer.runner import apply_plan, prepare_batches
 from ..trainer.sampling import sample_latents
 from .config_inputs import NodeConfig
 from .datasets import ComfyDataset
 from .host import ComfyBundle, autograd_safe_residuals, trainable_weights
 from .paths import find_lora, invalidate_lora_list, lora_target
-from .planning import OutOfMemory, plan_run, plan_text, require_fit
+from .planning import plan_run, plan_text, require_fit
 from .sink import ComfySink
 
 log = logging.getLogger(__name__)
@@ -112,8 +116,9 @@ def _load_for_training(bundle: ComfyBundle, config: TrainConfig, dynamic_caption
     import comfy.model_management as mm
 
     models = [bundle.patcher]
-    if dynamic_captions:  # captions change per step: keep the CLIP loaded beside the UNet
+    if dynamic_captions:  # text is encoded during training: keep the CLIP loaded beside the UNet
         models.append(bundle.clip.patcher)  # type: ignore[attr-defined]
+        bundle.clip_resident = True
     dynamic = bool(getattr(bundle.patcher, "is_dynamic", lambda: False)())
     mm.load_models_gpu(models, memory_required=EVICT_ALL_OTHER_MODELS, force_full_load=not dynamic)
 
@@ -151,10 +156,7 @@ def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_conf
         sink.status(plan_text(plan))
         require_fit(plan)
         if plan is not None:
-            planned = plan.apply(config)
-            if planned.resolution != config.resolution:
-                train_dataset = dataset.build(planned)
-            config = planned
+            config, train_dataset = apply_plan(plan, config, train_dataset, rebuild=dataset.build)
         sink.status(f"{bundle.family.name} ({bundle.prediction_type}); {len(train_dataset.records)} images, "
                     f"{len(train_dataset)} samples per epoch at {config.resolution}px")
         if config.train_text_encoder:
@@ -197,7 +199,7 @@ def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_conf
                    f"or a smaller lora_rank ({err.__class__.__name__})")
             raise OutOfMemory(msg) from err
         finally:
-            bundle.preview_decode = False
+            bundle.preview_decode = bundle.clip_resident = False
             mm.soft_empty_cache()
         triggers = [config.trigger_word] if config.trigger_word else []
         lora = TrainedLora(result.state_dict, result.metadata, triggers, preview, bundle.family.name)

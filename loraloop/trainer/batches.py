@@ -43,7 +43,7 @@ def dataset_options(config: TrainConfig) -> DatasetOptions:
 def caches_text(config: TrainConfig, dataset: TrainDataset) -> bool:
     """Whether text conditioning is encoded once per caption: the config asks for it, the captions never change (no
     shuffle or dropout) and no text encoder is trained (its output would change every step)."""
-    return config.cache_text_encoder_outputs and dataset.captions_are_static and not config.train_text_encoder
+    return config.cache_text_encoder_outputs and config.can_cache_text(dataset.captions_are_static)
 
 
 @dataclass

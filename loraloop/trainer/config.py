@@ -144,6 +144,12 @@ class TrainConfig:
     def effective_batch(self) -> int:
         return self.batch_size * self.accumulation_steps
 
+    def can_cache_text(self, captions_static: bool = True) -> bool:
+        """Whether text-encoder outputs can be cached: captions never change (no shuffle or dropout here, and
+        `captions_static` as the dataset says) and no text encoder is trained (its output changes every step)."""
+        return (captions_static and not self.train_text_encoder and not self.shuffle_caption
+                and self.caption_dropout_rate == 0 and self.caption_tag_dropout_rate == 0)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

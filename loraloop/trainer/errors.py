@@ -57,3 +57,8 @@ class TrainingInterrupted(LoraLoopError):
     def __init__(self, msg: str = "training cancelled", *, step: int = 0) -> None:
         super().__init__(msg)
         self.step = step
+
+
+class OutOfMemory(LoraLoopError):
+    """A run does not fit, or ran out of device memory and the recovery ladder could not help; the message says what
+    would fit or what to lower. Hosts raise it before touching the model or after restoring it."""

@@ -6,6 +6,7 @@ Hosts call the same pieces (`prepare_batches`, `loop.train`, `write_outputs`) wi
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -121,6 +122,16 @@ def encode_then_load_unet(bundle: DiffusersBundle, dataset: TrainDataset, config
     return batches
 
 
+def apply_plan(plan, config: TrainConfig, dataset: TrainDataset,  # noqa: ANN001 - memory.planner.Plan
+               rebuild: Callable[[TrainConfig], TrainDataset] | None = None) -> tuple[TrainConfig, TrainDataset]:
+    """`config` with the plan's settings, and the dataset rebuilt when they change its bucketing (the plan may lower
+    the resolution or cap the largest bucket). `rebuild` makes a host's dataset (default: from the options)."""
+    planned = plan.apply(config)
+    if dataset_options(planned) != dataset.options:
+        dataset = rebuild(planned) if rebuild else TrainDataset.from_options(dataset_options(planned), seed=planned.seed)
+    return planned, dataset
+
+
 def _initial_lora(config: TrainConfig) -> tuple[NetworkSpec, dict[str, torch.Tensor] | None]:
     spec = network_spec(config)
     if not config.resume_lora:
@@ -198,9 +209,7 @@ def run(config: TrainConfig, sink: ProgressSink | None = None, *, bundle: ModelB
                 + format_bucket_table(dataset.bucket_counts()))
     plan = plan_memory(config, dataset, bundle, sink)
     if plan is not None:
-        config = plan.apply(config)
-        if dataset_options(config) != dataset.options:  # the plan lowered the resolution or the largest bucket
-            dataset = TrainDataset.from_options(dataset_options(config), seed=config.seed)
+        config, dataset = apply_plan(plan, config, dataset)
     device = training_device()
     staged = bundle is None and device.type != "cpu"  # a bundle we load ourselves: encode before the UNet moves in
     if bundle is None:

@@ -111,9 +111,7 @@ class RunShape:
             "network_type": config.network_type, "train_text_encoder": config.train_text_encoder,
             "gradient_checkpointing": config.gradient_checkpointing,
             "cache_latents": config.cache_latents and not config.random_crop,
-            "cache_text": config.cache_text_encoder_outputs and not config.train_text_encoder
-            and config.caption_dropout_rate == 0 and not config.shuffle_caption
-            and config.caption_tag_dropout_rate == 0,
+            "cache_text": config.cache_text_encoder_outputs and config.can_cache_text(),
             "optimizer": config.optimizer, "mixed_precision": config.mixed_precision,
             "sample_prompts": len(config.sample_prompts) if config.sample_every_n_steps else 0,
             "sample_resolution": res,

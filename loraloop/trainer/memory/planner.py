@@ -220,8 +220,7 @@ def _bucket(config: TrainConfig, resolution: int, facts: DatasetFacts) -> tuple[
 
 def _text_cacheable(config: TrainConfig, facts: DatasetFacts) -> bool:
     """Captions never change and no text encoder is trained: caching text outputs is possible (`caches_text`)."""
-    return facts.captions_static and not config.train_text_encoder and not config.shuffle_caption and \
-        config.caption_dropout_rate == 0 and config.caption_tag_dropout_rate == 0
+    return config.can_cache_text(facts.captions_static)
 
 
 def _base_shape(config: TrainConfig, request: PlanRequest) -> RunShape:

@@ -188,7 +188,7 @@ class OomRecovery:
             self._set(cache_latents=True)
             done.append("latents")
         # Like `batches.caches_text`, minus the config switch: out of memory, the ladder overrides a user's "off".
-        if not batches.text_cached and dataset.captions_are_static and not self.config.train_text_encoder:
+        if not batches.text_cached and self.config.can_cache_text(dataset.captions_are_static):
             batches.cache_text_outputs()
             self._set(cache_text_encoder_outputs=True)
             done.append("text outputs")
@@ -264,7 +264,7 @@ class OomRecovery:
         new = max(MIN_RANK, old // 2)
         shrink_network_rank(roots, new, self.optimizer or optimizer, params)
         self.rank = self.lowered_rank = new
-        self._set(lora_rank=new)
+        self._set(lora_rank=new, lora_alpha=self.config.alpha)  # the truncated adapters keep their alpha
         return Adjustment("rank", "lora_rank", old, new, step, f"{cause}; adapters truncated by SVD")
 
     def _set(self, **changes: Any) -> None:

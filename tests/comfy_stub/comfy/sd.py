@@ -35,6 +35,25 @@ class ClipModels(torch.nn.Module):
     def items(self):
         return [(name, getattr(self, f"clip_{name}").transformer) for name in self.names]
 
+    def reset_clip_options(self):
+        self.options = {}
+
+    def set_clip_options(self, options):
+        self.options = {**getattr(self, "options", {}), **options}
+
+    def encode_token_weights(self, tokens):
+        """(cond, pooled): penultimate hidden states of every encoder side by side, the last encoder's pooled output."""
+        states, pooled = [], None
+        for key, encoder in self.items():
+            ids = torch.tensor([[t for t, _ in chunk] for chunk in tokens[key]])
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2].reshape(1, -1, out.hidden_states[-2].shape[-1]))
+            pooled = getattr(out, "text_embeds", None)
+            if pooled is None:
+                pooled = out.pooler_output
+            pooled = pooled[:1]
+        return torch.cat(states, dim=-1), pooled
+
 
 class CLIP:
     """`encoders`: {"l": CLIPTextModel} (SD1), {"h": …} (SD2) or {"l": …, "g": CLIPTextModelWithProjection} (SDXL)."""
@@ -67,17 +86,10 @@ class CLIP:
         return {key: out for key in self.cond_stage_model}
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
-        model_management.load_model_gpu(self.patcher)
-        states, pooled = [], None
-        for key, encoder in self.cond_stage_model.items():
-            ids = torch.tensor([[t for t, _ in chunk] for chunk in tokens[key]])
-            out = encoder(ids, output_hidden_states=True)
-            states.append(out.hidden_states[-2].reshape(1, -1, out.hidden_states[-2].shape[-1]))
-            pooled = getattr(out, "text_embeds", None)
-            if pooled is None:
-                pooled = out.pooler_output
-            pooled = pooled[:1]
-        cond = torch.cat(states, dim=-1)
+        self.cond_stage_model.reset_clip_options()
+        model_management.load_model_gpu(self.patcher)  # as upstream: every call goes through model management
+        self.cond_stage_model.set_clip_options({"execution_device": self.patcher.load_device})
+        cond, pooled = self.cond_stage_model.encode_token_weights(tokens)
         if return_dict:
             return {"cond": cond, "pooled_output": pooled}
         return (cond, pooled) if return_pooled else cond

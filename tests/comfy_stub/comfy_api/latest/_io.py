@@ -3,7 +3,6 @@
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 
 def prune_dict(d):
