@@ -337,3 +337,17 @@ def test_uncached_text_keeps_the_clip_loaded_beside_the_unet(host):
                    node_id="7")
     (models,) = [m for m, memory, _ in mm.load_calls if memory == 1e20]  # the load for training
     assert clip.patcher in models and patcher in models
+
+
+def test_uncached_latents_encode_through_the_resident_vae_without_model_management(host):
+    """cache_latents off: the VAE is loaded with the UNet for training and images are encoded through it directly; a
+    VAE.encode (which calls load_models_gpu) while the weights are re-wrapped could unload part of the UNet on a GPU."""
+    patcher, clip, vae = stub_models.build("sd15")
+    snap = snapshot(patcher.model.diffusion_model)
+    with torch.inference_mode():
+        train_lora(patcher, clip, vae, dataset(host),
+                   node_config({**FAST, "max_train_steps": 2, "cache_latents": False}), name="s", node_id="7")
+    (models,) = [m for m, memory, _ in mm.load_calls if memory == 1e20]
+    assert vae.patcher in models and patcher in models
+    assert vae.encode_calls == 0 and vae.first_stage_model.calls >= 2  # every step, none through VAE.encode
+    assert_unchanged(patcher.model.diffusion_model, snap)

@@ -218,6 +218,7 @@ class ComfyBundle:
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.live_text = False  # True while the text encoder trains: encode through the (adapted) CLIP every time
         self.clip_resident = False  # True while TrainLoRA holds the CLIP loaded for training (see `_encode_tokens`)
+        self.vae_resident = False  # … and the VAE, when images are encoded every step (`cache_latents: false`)
         self._attention_override = training_attention()
 
     @property
@@ -239,7 +240,13 @@ class ComfyBundle:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         images = ((pixels.float() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)  # ComfyUI IMAGE: [B,H,W,C] in [0,1]
-        raw = self.vae.encode(images)  # type: ignore[attr-defined]
+        vae = self.vae
+        if self.vae_resident and all(hasattr(vae, n) for n in ("first_stage_model", "process_input", "vae_dtype")):
+            # VAE.encode without its load_models_gpu (see `_encode_tokens`): TrainLoRA loaded the VAE for training.
+            x = vae.process_input(images.movedim(-1, 1)).to(vae.vae_dtype).to(vae.device)  # type: ignore[attr-defined]
+            raw = vae.first_stage_model.encode(x)  # type: ignore[attr-defined]
+        else:
+            raw = vae.encode(images)  # type: ignore[attr-defined]
         return self.base_model.process_latent_in(raw.float()).to(self.device)
 
     @torch.no_grad()

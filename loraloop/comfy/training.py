@@ -5,8 +5,8 @@ Order matters (hosts.md §3, Part C):
 2. images are encoded once, and captions too unless they change per step or the text encoder trains, with ComfyUI
    loading the CLIP and VAE as it likes;
 3. the MODEL (and the CLIP when text is encoded during training) is loaded with every other model evicted
-   (`load_models_gpu`, full load unless dynamic VRAM); text is then encoded without model-management calls (only
-   `cache_latents: false` still encodes images through ComfyUI's VAE loader every step: keep it on inside ComfyUI);
+   (`load_models_gpu`, full load unless dynamic VRAM), with the CLIP/VAE when they encode during training; nothing
+   calls model management again until training ends (the bundle encodes through the resident CLIP/VAE directly);
 4. inference-tensor weights are re-wrapped for autograd without a copy (`host.trainable_weights`), the engine trains
    (adapters injected and always removed), and the original Parameter objects are put back;
 5. the LoRA is applied to clones of MODEL/CLIP only (`comfy.sd.load_lora_for_models`); the inputs are untouched.
@@ -112,13 +112,17 @@ def _step_hook(bundle: ComfyBundle, config: TrainConfig, spec: NetworkSpec, sink
                          after_save=invalidate_lora_list)
 
 
-def _load_for_training(bundle: ComfyBundle, config: TrainConfig, dynamic_captions: bool) -> None:
+def _load_for_training(bundle: ComfyBundle, config: TrainConfig, dynamic_captions: bool,
+                       encode_images: bool = False) -> None:
     import comfy.model_management as mm
 
     models = [bundle.patcher]
     if dynamic_captions:  # text is encoded during training: keep the CLIP loaded beside the UNet
         models.append(bundle.clip.patcher)  # type: ignore[attr-defined]
         bundle.clip_resident = True
+    if encode_images and getattr(bundle.vae, "patcher", None) is not None:  # latents not cached: the VAE too
+        models.append(bundle.vae.patcher)  # type: ignore[attr-defined]
+        bundle.vae_resident = True
     dynamic = bool(getattr(bundle.patcher, "is_dynamic", lambda: False)())
     mm.load_models_gpu(models, memory_required=EVICT_ALL_OTHER_MODELS, force_full_load=not dynamic)
 
@@ -174,7 +178,8 @@ def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_conf
                       tag_frequency=tag_frequency(train_dataset.records),
                       dataset_dirs=train_dataset.scan.dataset_dirs(),
                       bucket_info={"buckets": {f"{w}x{h}": n for (w, h), n in train_dataset.bucket_counts().items()}})
-        _load_for_training(bundle, config, dynamic_captions=not batches.text_cached)  # text encoded every step
+        _load_for_training(bundle, config, dynamic_captions=not batches.text_cached,  # text encoded every step
+                           encode_images=batches.latent_cache is None)
         bundle.preview_decode = True
         partial_path = None
         try:
@@ -199,7 +204,7 @@ def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_conf
                    f"or a smaller lora_rank ({err.__class__.__name__})")
             raise OutOfMemory(msg) from err
         finally:
-            bundle.preview_decode = bundle.clip_resident = False
+            bundle.preview_decode = bundle.clip_resident = bundle.vae_resident = False
             mm.soft_empty_cache()
         triggers = [config.trigger_word] if config.trigger_word else []
         lora = TrainedLora(result.state_dict, result.metadata, triggers, preview, bundle.family.name)

@@ -101,20 +101,39 @@ class CLIP:
         return [[cond, d]]
 
 
-class VAE:
-    """A fixed 8x pooling 'VAE': [B,H,W,3] in [0,1] → raw latents [B,4,H/8,W/8] and back."""
+class PoolingEncoder(torch.nn.Module):
+    """The stand-in's `first_stage_model`: [B,3,H,W] in [-1,1] → raw latents [B,4,H/8,W/8]."""
 
     def __init__(self):
-        self.patcher = ModelPatcher(torch.nn.Identity(), torch.device("cpu"), torch.device("cpu"))
+        super().__init__()
+        self.calls = 0
+
+    def encode(self, x):
+        self.calls += 1
+        pooled = torch.nn.functional.avg_pool2d(x, 8)
+        return torch.cat([pooled, pooled.mean(dim=1, keepdim=True)], dim=1) * 4.0
+
+
+class VAE:
+    """A fixed 8x pooling 'VAE': [B,H,W,3] in [0,1] → raw latents [B,4,H/8,W/8] and back. `encode` as 0.12.3's:
+    load through model management, `process_input` (x·2-1), `first_stage_model.encode` in `vae_dtype` on `device`."""
+
+    def __init__(self):
+        self.first_stage_model = PoolingEncoder()
+        self.patcher = ModelPatcher(self.first_stage_model, torch.device("cpu"), torch.device("cpu"))
+        self.device = self.output_device = torch.device("cpu")
+        self.vae_dtype = torch.float32
         self.encode_calls = 0
         self.decode_calls = 0
+
+    def process_input(self, image):
+        return image * 2.0 - 1.0
 
     def encode(self, pixel_samples):
         model_management.load_models_gpu([self.patcher])
         self.encode_calls += 1
-        x = pixel_samples.movedim(-1, 1) * 2 - 1
-        pooled = torch.nn.functional.avg_pool2d(x, 8)
-        return torch.cat([pooled, pooled.mean(dim=1, keepdim=True)], dim=1) * 4.0
+        x = self.process_input(pixel_samples.movedim(-1, 1)).to(self.vae_dtype).to(self.device)
+        return self.first_stage_model.encode(x).to(self.output_device).float()
 
     def decode(self, samples_in, vae_options={}):  # noqa: B006
         model_management.load_models_gpu([self.patcher])
