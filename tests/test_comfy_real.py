@@ -323,3 +323,27 @@ def test_lora_prompt_tag_applies_the_saved_lora_like_loraloader(run):
 
     loader = run.sample("with_lora", lora="flatstyle.safetensors")
     assert torch.equal(_latent(tagged["latent"]), _latent(loader["latent"]))
+
+
+def test_training_with_uncached_latents_and_shuffled_captions(run):
+    """cache_latents off and shuffled captions: images and text are encoded every step through the VAE/CLIP that
+    TrainLoRA loaded beside the UNet (no model-management call mid-training); the run ends and the model is intact."""
+    run.train()  # after the main example, so the comparisons above are not disturbed
+    wf = json.loads((ROOT / "example_workflows" / "train_style_lora_and_sample.json").read_text())
+    prompt = shrink_for_cpu(to_api(wf, run.object_info), run.ckpt)
+    (config,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "LoRALoop_TrainConfig"]
+    config.update(cache_latents=False, shuffle_caption=True, max_train_steps=2, sample_every_n_steps=0,
+                  train_text_encoder=False, seed=7)
+    for node in prompt.values():
+        if node["class_type"] == "LoRALoop_TrainLoRA":
+            node["inputs"]["name"] = "uncached"
+        if node["class_type"] == "LoRALoop_SaveLoRA":
+            node["inputs"]["name"] = "uncached"
+    log_start = len(run.server.log_text())
+    entry = _timed("prompt: train uncached latents (2 steps)", run.server.run, prompt, timeout=1800)
+    texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
+    assert any("trained 2 steps" in t for t in texts), texts
+    log = run.server.log_text()[log_start:]
+    assert "Traceback" not in log and "lora key not loaded" not in log, log[-4000:]
+    after = run.sample("after_uncached")
+    assert (_pixels(run.sample("before")["image"]) == _pixels(after["image"])).all()
