@@ -30,3 +30,15 @@ def tiny_sdxl():
     from loraloop.trainer.bundles.tiny import build_tiny_bundle
 
     return build_tiny_bundle("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """2 cores shared with other jobs: one intra-op thread avoids OpenMP oversubscription (100× slowdowns) in the
+    memory tests, which time and trace real steps. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

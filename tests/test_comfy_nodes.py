@@ -33,6 +33,11 @@ def host(tmp_path):
     torch.set_flush_denormal(False)
 
 
+def config_widget_defaults():
+    """LoRATrainConfig's widget values as a new node has them."""
+    return {i.id: i.default for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs if i.default is not None}
+
+
 def schemas():
     return [n.GET_SCHEMA() for n in nodes.NODES]
 
@@ -126,7 +131,7 @@ def test_bad_dataset_is_a_clear_node_error(host):
 
 def test_config_yaml_import_export(host):
     (host / "input" / "cfg.yaml").write_text("lora_rank: 4\nnetwork_dim: 4\nlearning_rate: 0.0005\noutput_dir: /abs\n")
-    widgets = {i.id: i.default for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs if i.default is not None}
+    widgets = config_widget_defaults()
     config, text = run_node(nodes.LoRATrainConfig, **{**widgets, "import_yaml": "cfg.yaml", "export_yaml": "mine"}).args
     assert config.values["lora_rank"] == 4 and config.values["learning_rate"] == 0.0005
     assert "output_dir" not in config.values and {"resolution", "mixed_precision"} <= config.auto
@@ -139,7 +144,7 @@ def test_train_save_and_prompt_end_to_end(host, caplog):
     model, clip, vae = stub_models.build("sd15")
     dataset = run_node(nodes.LoadDataset, folder="style", recursive=False, caption_extension=".txt",
                        trigger_word="flatstyle").args[0]
-    widgets = {i.id: i.default for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs if i.default is not None}
+    widgets = config_widget_defaults()
     config = run_node(nodes.LoRATrainConfig, **{**widgets, **FAST, "max_train_steps": 2}).args[0]
     out = run_node(nodes.TrainLoRA, model=model, clip=clip, vae=vae, dataset=dataset, config=config, name="flat",
                    save_on_cancel=True)
@@ -202,7 +207,7 @@ def test_lora_tags(text, clean, tags):
 
 def _dataset_and_config(**widgets):
     dataset = run_node(nodes.LoadDataset, folder="style", recursive=False, caption_extension=".txt").args[0]
-    defaults = {i.id: i.default for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs if i.default is not None}
+    defaults = config_widget_defaults()
     config = run_node(nodes.LoRATrainConfig, **{**defaults, **FAST, **widgets}).args[0]
     return dataset, config
 
@@ -316,7 +321,7 @@ def test_exported_yaml_imports_back_to_the_same_config(host):
     gradient_checkpointing), and kohya names in an imported file are used, not dropped."""
     from loraloop.trainer.families import get_family
 
-    widgets = {i.id: i.default for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs if i.default is not None}
+    widgets = config_widget_defaults()
     first, text = run_node(nodes.LoRATrainConfig, **{**widgets, "lora_rank": 12, "export_yaml": "round"}).args
     assert "gradient_checkpointing: auto" in text and "resolution: auto" in text
     (host / "input" / "round.yaml").write_text((host / "output" / "loraloop" / "round.yaml").read_text())

@@ -10,14 +10,7 @@ import pytest
 from loraloop.trainer.memory.cli import add_plan_parser
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_plan(argv: list[str], capsys) -> tuple[int, str]:

@@ -27,13 +27,7 @@ ERROR_PLAIN = 0.02  # without gradient checkpointing
 ERROR_CHECKPOINTED = 0.10  # with it (the recompute frees in a slightly different order than the trace)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 cores shared with other jobs: one intra-op thread avoids OpenMP oversubscription (100× slowdowns)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_dataset(folder, size: int, count: int = 4):

@@ -19,12 +19,7 @@ from loraloop.trainer.progress import NullSink
 from loraloop.trainer.runner import prepare_batches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeMemory:

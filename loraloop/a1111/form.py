@@ -18,7 +18,16 @@ from typing import Any
 import torch
 import yaml
 
-from ..trainer.config import AUTO, HOST_DEFAULTS, TrainConfig, field_help, from_mapping, load_config
+from ..trainer.config import (
+    AUTO,
+    HOST_DEFAULTS,
+    SWITCH_CHOICES,
+    SWITCH_VALUES,
+    TrainConfig,
+    field_help,
+    from_mapping,
+    load_config,
+)
 from ..trainer.errors import ConfigError
 from ..trainer.families import Family
 
@@ -38,8 +47,8 @@ EXTRA_FIELDS: dict[str, dict[str, Any]] = {
                      "group": "output"},
 }
 # A plannable bool whose default is "auto": the dropdown's values and what on / off mean.
-AUTO_BOOL_CHOICES = (AUTO, "on", "off")
-_ON_OFF = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+AUTO_BOOL_CHOICES = SWITCH_CHOICES
+_ON_OFF = {**SWITCH_VALUES, "true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}  # API too
 AUTO_BOOL_HINT = ("auto: the memory planner decides (the key joins `auto`); on / off: your choice (the key leaves "
                   "`auto`).")
 GROUPS = {"data": "Data options", "network": "Network", "training": "Training", "memory": "Memory planning",

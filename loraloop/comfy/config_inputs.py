@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..trainer.config import AUTO, HOST_DEFAULTS, TrainConfig, field_help, from_mapping
+from ..trainer.config import AUTO, HOST_DEFAULTS, SWITCH_CHOICES, SWITCH_VALUES, TrainConfig, field_help, from_mapping
 from ..trainer.families import Family
 from ..trainer.memory.planner import PLANNABLE
 
@@ -36,9 +36,8 @@ HOST_OWNED: dict[str, str] = {
 }
 # As the engine's default `auto`: the planner may trade batch_size for accumulation_steps, keeping their product.
 ALWAYS_PLANNED = frozenset({"batch_size", "accumulation_steps"})
-# Resolved by the node itself from the MODEL ("auto" = the family's size / the model's dtype), never lowered by the plan.
+# Resolved by the node itself from the MODEL ("auto" = the family size / the model dtype), never lowered by the plan.
 NODE_RESOLVED = frozenset({"resolution", "mixed_precision"})
-SWITCH = {"on": True, "off": False}  # a plannable bool whose default is "auto" is a combo auto/on/off
 # LoRATrainConfig's widget order. A saved workflow stores widget values by position (`widgets_values`), so this order
 # never changes: a new engine option is APPENDED here (a test fails until it is listed), wherever it sits in
 # TrainConfig.
@@ -79,7 +78,7 @@ def widget_inputs(io: Any, lora_names: list[str]) -> list:
         default = NODE_DEFAULTS.get(name, meta["default"])
         choices = meta.get("choices")
         if base == "bool" and default == AUTO:
-            inputs.append(io.Combo.Input(name, options=[AUTO, *SWITCH], default=AUTO,
+            inputs.append(io.Combo.Input(name, options=list(SWITCH_CHOICES), default=AUTO,
                                          tooltip=_tooltip(meta, "auto: the memory planner decides (off when the free "
                                                                 "memory allows: faster).")))
         elif name == "resume_lora":
@@ -152,8 +151,8 @@ def node_config(widgets: dict[str, Any], base: dict[str, Any] | None = None) -> 
             continue
         if name == "resume_lora":
             value = None if value in (None, "", "[none]") else value
-        elif base_type == "bool" and value in SWITCH:
-            value = SWITCH[value]
+        elif base_type == "bool" and value in SWITCH_VALUES:
+            value = SWITCH_VALUES[value]
         elif base_type == "list[str]":
             sep = "\n" if name == "sample_prompts" else ","
             value = [v.strip() for v in (value or "").split(sep) if v.strip()]

@@ -172,6 +172,9 @@ class TrainConfig:
 
 
 AUTO = "auto"
+# A plannable switch whose host default is AUTO is shown by both hosts as one choice of auto / on / off.
+SWITCH_CHOICES = (AUTO, "on", "off")
+SWITCH_VALUES = {"on": True, "off": False}
 # Where a host (ComfyUI node, A1111 tab) holds the model, these defaults differ from the CLI's. Both front ends use
 # this one table so they cannot drift.
 HOST_DEFAULTS: dict[str, Any] = {
