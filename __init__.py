@@ -1,31 +1,25 @@
-"""ComfyUI entry point of LoRA Loop (this folder is the custom-node pack: `custom_nodes/<this repo>/`).
+"""LoRA Loop: train LoRAs inside the image apps people already run.
 
-ComfyUI imports this file by path (hosts.md §1.1). It puts the repository root on `sys.path` only when `loraloop` is
-not importable already, then exposes the nodes: V3 (`comfy_entrypoint`) when ComfyUI has `comfy_api.latest`, else
-generated V1 mappings. Outside ComfyUI it imports cleanly and defines the V1 mappings, which nothing uses.
-Supported: ComfyUI 0.12.3 (tested); older builds through the generated V1 classes.
+This folder is two things at once:
+- the `loraloop` package (`pip install -e .` maps the name onto this folder): `trainer/` is the host-agnostic engine,
+  `nodes/` (ComfyUI), `a1111/` (AUTOMATIC1111/Forge, loaded from `scripts/`) and `cli/` are its three front doors;
+- the ComfyUI custom-node pack: ComfyUI imports this file by path under a name of its own (docs/hosts.md), which is why
+  every module inside imports its siblings relatively.
+
+Importing it is cheap: ComfyUI's loader asks for `comfy_entrypoint`, and only that request (PEP 562 `__getattr__`)
+imports the nodes. Needs ComfyUI 0.12.3 or newer (the V3 node API, `comfy_api.latest`); tested with 0.12.3 and 0.33.0.
 """
 
-import importlib.util
-import logging
-import os
-import sys
+from typing import Any
 
-_ROOT = os.path.dirname(os.path.abspath(__file__))
-if importlib.util.find_spec("loraloop") is None:
-    sys.path.insert(0, _ROOT)
-else:
-    _found = os.path.dirname(os.path.dirname(os.path.abspath(importlib.util.find_spec("loraloop").origin)))
-    if os.path.normcase(_found) != os.path.normcase(_ROOT):
-        logging.getLogger("loraloop").warning("LoRA Loop: using the loraloop package at %s, not %s", _found, _ROOT)
-
-import loraloop.comfy as _pack  # noqa: E402
-
+__version__ = "0.2.0"
 WEB_DIRECTORY = "./web"
 
-if _pack.HAS_V3:
-    comfy_entrypoint = _pack.comfy_entrypoint
-    __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
-else:
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = _pack.v1_mappings()
-    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+
+def __getattr__(name: str) -> Any:
+    if name == "comfy_entrypoint":
+        from .nodes import comfy_entrypoint
+
+        return comfy_entrypoint
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -33,7 +33,7 @@ def _old_transformers() -> bool:
         from importlib.metadata import version
 
         major, minor = (int(x) for x in version("transformers").split(".")[:2])
-    except Exception:  # noqa: BLE001 - not installed or an odd version string: no special case
+    except Exception:
         return False
     return (major, minor) < (4, 36)
 
@@ -43,8 +43,8 @@ def plan_installs(todo: list[str], old_transformers: bool) -> list[str]:
 
     With transformers < 4.36 (A1111 1.10 pins 4.30.2): peft 0.13.2 (later peft imports `transformers.Cache`), and no
     diffusers: a current diffusers pulls huggingface_hub ≥ 1.0, with which transformers 4.30 can no longer load the
-    CLIP tokenizer, so the webui could not load any checkpoint. The extension does not need diffusers (the memory planner
-    uses the shipped architecture sizes; diffusers is only for standalone training).
+    CLIP tokenizer, so the webui could not load any checkpoint. The extension does not need diffusers (the memory
+    planner uses the shipped architecture sizes; diffusers is only for standalone training).
     """
     if not old_transformers:
         return todo

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import platform
@@ -102,7 +103,7 @@ TRAINERS = {"loraloop": ("LoRALoop_TrainLoRA", ours_prompt), "builtin": ("TrainL
 
 def prepare(base: Path, ckpt: Path, resolution: int) -> None:
     make_layout(base, ckpt)
-    folder = copy_dataset(ROOT / "loraloop" / "demo" / "dataset", base / "input" / FOLDER, resolution)
+    folder = copy_dataset(ROOT / "cli" / "demo" / "dataset", base / "input" / FOLDER, resolution)
     with (folder / "metadata.csv").open(encoding="utf-8") as f:  # the built-in loader reads .txt sidecars only
         for row in csv.DictReader(f):
             (folder / (Path(row["filename"]).stem + ".txt")).write_text(row["prompt"], encoding="utf-8")
@@ -131,8 +132,8 @@ def bench_one(name: str, comfy_dir: Path, ckpt: Path, args: argparse.Namespace) 
                 if node_id not in executed_nodes(entry):
                     raise SystemExit(f"{name}: the training node did not run in run {i} (cached?)")
                 ticks = events.progress_times(prompt_id, "train")
-                intervals = [b[0] - a[0] for a, b in zip(ticks, ticks[1:])]
-                cpu = [b[1] - a[1] for a, b in zip(ticks, ticks[1:])]
+                intervals = [b[0] - a[0] for a, b in itertools.pairwise(ticks)]
+                cpu = [b[1] - a[1] for a, b in itertools.pairwise(ticks)]
                 texts = [t for out in entry.get("outputs", {}).values() for t in out.get("text", [])]
                 plan = next((line.split(":", 1)[1].strip() for t in texts for line in t.splitlines()
                              if line.startswith("settings:")), None)  # ours: the memory plan's chosen settings

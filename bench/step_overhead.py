@@ -10,6 +10,7 @@ Same model, targets, rank, batch, latents, text conditioning and optimizer; CPU,
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import statistics
 import tempfile
@@ -19,11 +20,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from loraloop.demo import DEMO_DIR
+from loraloop.cli.demo import DEMO_DIR
 from loraloop.trainer.batches import dataset_options
 from loraloop.trainer.config import TrainConfig
 from loraloop.trainer.data import TrainDataset
-from loraloop.trainer.loop import network_spec, train
+from loraloop.trainer.loop import train
+from loraloop.trainer.network import network_spec
 from loraloop.trainer.progress import NullSink
 from loraloop.trainer.runner import prepare_batches
 
@@ -32,11 +34,11 @@ class Timer(NullSink):
     def __init__(self) -> None:
         self.stamps: list[float] = []
 
-    def step(self, info) -> None:  # noqa: ANN001
+    def step(self, info) -> None:
         self.stamps.append(time.perf_counter())
 
 
-def full_sd15_bundle():  # noqa: ANN201
+def full_sd15_bundle():
     """The real SD1.5 UNet architecture with random weights, behind the tiny VAE and a 768-wide tiny text encoder."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -44,9 +46,11 @@ def full_sd15_bundle():  # noqa: ANN201
     from loraloop.trainer.bundles.tiny import build_tiny_bundle
 
     bundle = build_tiny_bundle("tiny-sd1")
-    config = Path(__file__).resolve().parent.parent / "loraloop/trainer/model_configs/sd1/unet"
+    config = Path(__file__).resolve().parent.parent / "trainer/model_configs/sd1/unet"
     torch.manual_seed(0)
-    bundle.unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config)).eval().requires_grad_(False)
+    bundle.unet = (
+        UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config)).eval().requires_grad_(False)
+    )
     te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                                       num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77))
     bundle.text_encoders[0].module = te.eval().requires_grad_(False)
@@ -56,7 +60,7 @@ def full_sd15_bundle():  # noqa: ANN201
     return bundle
 
 
-def bare_loop(bundle, batches, config: TrainConfig, steps: int) -> list[float]:  # noqa: ANN001
+def bare_loop(bundle, batches, config: TrainConfig, steps: int) -> list[float]:
     """The minimal loop: peft LoRA on the same targets, fixed batch, MSE on eps, AdamW."""
     from peft import LoraConfig, LoraModel
 
@@ -110,7 +114,7 @@ def measure(full: bool, steps: int, rounds: int) -> None:
         start = time.perf_counter()
         train(bundle, batches, config, timer, spec=network_spec(config))
         stamps = [start, *timer.stamps]
-        engine += [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]  # drop the first (warm-up) step
+        engine += [b - a for a, b in itertools.pairwise(stamps[1:])]  # drop the first (warm-up) step
         bare += bare_loop(bundle, batches, config, steps)[1:]
     e, b = statistics.median(engine), statistics.median(bare)
     name = "full-size SD1.5 UNet @256px" if full else "tiny-sd1 @64px"

@@ -36,13 +36,10 @@ from PIL import Image
 from loraloop.trainer import loop
 from loraloop.trainer.batches import BatchMaker, dataset_options
 from loraloop.trainer.bundles.diffusers_bundle import DiffusersBundle
-from loraloop.trainer.config import TrainConfig
+from loraloop.trainer.config import PLANNABLE, TrainConfig
 from loraloop.trainer.data import LatentCache, TrainDataset
 from loraloop.trainer.families import get_family
-from loraloop.trainer.memory.devices import GIB, current_device
-from loraloop.trainer.memory.estimate import ModelInfo
-from loraloop.trainer.memory.planner import PLANNABLE, DatasetFacts, PlanRequest, make_plan
-from loraloop.trainer.memory.recovery import OomRecovery
+from loraloop.trainer.memory import GIB, DatasetFacts, ModelInfo, OomRecovery, PlanRequest, current_device, make_plan
 from loraloop.trainer.metadata import RunInfo
 
 RESOLUTION = {"sd1": 512, "sdxl": 1024}
@@ -66,7 +63,7 @@ def build_random(family: str, dtype: torch.dtype, device: str) -> RandomBundle:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from loraloop.trainer.memory.architecture import family_config_dir
+    from loraloop.trainer.memory.estimation.architecture import family_config_dir
     from loraloop.trainer.schedule import scaled_linear_alphas_cumprod
 
     folder = family_config_dir(family)

@@ -7,7 +7,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-DEMO_DATASET = Path(__file__).resolve().parent.parent / "loraloop" / "demo" / "dataset"
+DEMO_DATASET = Path(__file__).resolve().parent.parent / "cli" / "demo" / "dataset"
 
 
 @pytest.fixture

@@ -62,9 +62,10 @@ class LdmBundle:
 
 
 def tiny_ldm_bundle(seed: int = 0) -> LdmBundle:
+    from transformers import CLIPTextModel
+
     from loraloop.trainer.bundles.tiny import _text_config
     from loraloop.trainer.tokenizer import load_clip_tokenizer
-    from transformers import CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -12,13 +12,13 @@ from loraloop.trainer.errors import UnsupportedModelError
 from loraloop.trainer.naming import TRANSFORMER_CLASSES, find_targets
 from loraloop.trainer.network import Network, NetworkSpec
 
-CONFIGS = Path(__file__).resolve().parent.parent / "loraloop" / "trainer" / "model_configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "trainer" / "model_configs"
 TE_SUBS = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
 
 
 def kohya_unet_names_of(family: str) -> set[str]:
     """kohya's UNet key stems for the real SD1.5/SD2.1 architecture: diffusers paths of every Linear/Conv2d inside a
-    Transformer2DModel (lora-format.md §1.2), from the shipped diffusers config, on the meta device."""
+    Transformer2DModel (docs/lora-format.md §1.2), from the shipped diffusers config, on the meta device."""
     from diffusers import UNet2DConditionModel
 
     config = UNet2DConditionModel.load_config(CONFIGS / family / "unet")

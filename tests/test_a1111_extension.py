@@ -55,8 +55,8 @@ def test_extension_files():
 def test_package_import_touches_no_webui_and_the_comfy_pack_ignores_it():
     code = textwrap.dedent(f"""
         import importlib, importlib.util, sys
-        for name in ("entry", "webui", "bundle", "job", "form", "actions", "api", "ui", "sink", "captions", "plan",
-                     "forge", "outputs"):
+        for name in ("entry", "webui", "bundle", "training", "widgets", "actions", "api", "ui", "sink", "captions",
+                     "plan", "forge", "outputs"):
             importlib.import_module("loraloop.a1111." + name)
         leaked = sorted({{m.split(".")[0] for m in sys.modules}} & {{"modules", "networks", "gradio", "fastapi"}})
         assert not leaked, leaked
@@ -65,7 +65,7 @@ def test_package_import_touches_no_webui_and_the_comfy_pack_ignores_it():
         spec = importlib.util.spec_from_file_location("loraloop_pack", {str(ROOT / "__init__.py")!r})
         pack = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(pack)
-        assert hasattr(pack, "NODE_CLASS_MAPPINGS") or hasattr(pack, "comfy_entrypoint")
+        assert pack.WEB_DIRECTORY == "./web"
         assert not [m for m in sys.modules if m.startswith("loraloop.a1111")]
         print("ok")
     """)
@@ -100,7 +100,7 @@ class RecordingLock:
 
 def test_api_train_runs_in_the_webui_queue(webui, tmp_path):
     from loraloop.a1111 import api
-    from loraloop.a1111 import job as job_module
+    from loraloop.a1111 import training as job_module
 
     folder = tmp_path / "ds"
     folder.mkdir()
@@ -245,7 +245,8 @@ def test_forge_is_detected_and_training_disabled(webui, monkeypatch):
 def test_the_gradio_tab(webui, monkeypatch):
     """Built with the installed Gradio (the webui's 3.41 or Forge's 4.x); skipped when Gradio is not installed."""
     gr = pytest.importorskip("gradio")
-    from loraloop.a1111 import entry, form
+    from loraloop.a1111 import entry
+    from loraloop.a1111 import widgets as form
 
     webui.load(models.build_sd("sd1"))
     ((blocks, title, elem_id),) = entry.on_ui_tabs()
@@ -271,6 +272,73 @@ def test_the_gradio_tab(webui, monkeypatch):
     config = forge_blocks.get_config_file() if hasattr(forge_blocks, "get_config_file") else forge_blocks.config
     train = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "loraloop_train")
     assert train["props"]["interactive"] is False and "not supported" in str(train["props"]["value"])
+
+
+class FakeComponent:
+    """A Gradio component as far as ui.py uses it: its arguments, a context, `.click` recorded."""
+
+    def __init__(self, gr, *args, **kwargs):
+        self.type, self.args, self.kwargs, self.clicks = type(self).__name__, args, kwargs, []
+        self.label, self.value = kwargs.get("label"), kwargs.get("value")
+        gr.made.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def click(self, fn=None, inputs=None, outputs=None, **kwargs):
+        self.clicks.append({"fn": fn, "inputs": inputs, "outputs": outputs, **kwargs})
+
+
+def fake_gradio(version):
+    """A module standing in for `gradio` (not installed here) that records what build_tab makes."""
+    gr = types.ModuleType("gradio")
+    gr.__version__, gr.made = version, []
+    for name in ("Blocks", "HTML", "Row", "Column", "Markdown", "Button", "Textbox", "Accordion", "Checkbox",
+                 "Dropdown", "Number", "File", "Image"):
+        setattr(gr, name, type(name, (FakeComponent,), {"__init__": lambda self, *a, _gr=gr, **k:
+                                                         FakeComponent.__init__(self, _gr, *a, **k)}))
+    gr.update = lambda **kwargs: {"__type__": "update", **kwargs}
+    return gr
+
+
+@pytest.mark.parametrize("version", ["3.41.2", "4.40.0"])
+def test_the_tab_renders_the_widget_schema(webui, monkeypatch, version):
+    """Every field of the schema becomes the Gradio component of its kind, with the schema's default, choices and
+    bounds, in the tab's layout (dataset fields first, then one accordion per group); runs without Gradio."""
+    from loraloop.a1111 import ui
+    from loraloop.a1111 import widgets as form
+
+    gr = fake_gradio(version)
+    monkeypatch.setitem(sys.modules, "gradio", gr)
+    tab = ui.build_tab()
+    components = tab.loraloop_widgets
+    fields = form.form_fields(webui.output_dir / "loraloop")
+    assert list(components) == list(form.DATASET_FIELDS) + [
+        f.name for g in form.groups(fields) for f in fields if f.group == g and f.name not in form.DATASET_FIELDS]
+    widgets = form.tab_schema().by_name()
+    for f in fields:
+        c = components[f.name]
+        assert (c.label, c.value, c.kwargs["elem_id"]) == (f.name, f.default, f"loraloop_{f.name}"), f.name
+        kind = widgets[f.name].kind if f.name in widgets else f.kind
+        expected = {"bool": "Checkbox", "switch": "Dropdown", "choice": "Dropdown", "int": "Number",
+                    "float": "Number"}.get(kind, "Textbox")
+        assert c.type == expected, f.name
+        if expected == "Dropdown":
+            assert c.kwargs["choices"] == list(widgets[f.name].choices), f.name
+        if expected == "Number":
+            assert c.kwargs["precision"] == (0 if kind == "int" else None), f.name
+            assert (c.kwargs["minimum"], c.kwargs["maximum"]) == (f.minimum, f.maximum), f.name
+        if expected == "Textbox":
+            assert c.kwargs["lines"] == (3 if kind == "lines" else 1), f.name
+    assert components["gradient_checkpointing"].kwargs["choices"] == ["auto", "on", "off"]
+    assert components["resolution"].kwargs["minimum"] == 0 and components["lora_rank"].kwargs["minimum"] == 1
+    train = next(c for c in gr.made if c.kwargs.get("elem_id") == "loraloop_train")
+    (click,) = train.clicks
+    assert click[("js" if version.startswith("4") else "_js")] == "loraloop_start_training"
+    assert click["inputs"][1:] == [components[f.name] for f in fields]  # the handlers get the fields in order
 
 
 def test_cancel_only_interrupts_a_training_run(webui):

@@ -16,11 +16,11 @@ Prerequisites (nothing is downloaded):
   requirements_versions.txt installed, plus LoRA Loop's requirements. With the webui's transformers 4.30.2 that means
   peft<=0.13.2 (later peft imports transformers.Cache), pyyaml, safetensors; diffusers is not needed in the webui.
 * Nothing else: the webui's FrozenCLIPEmbedder loads openai/clip-vit-large-patch14's config and tokenizer from the
-  Hugging Face cache even when the checkpoint holds the weights (hosts.md §10), so the test seeds a private HF_HOME
+  Hugging Face cache even when the checkpoint holds the weights (docs/hosts.md §10), so the test seeds a private HF_HOME
   from what this repository ships (`seed_hf_cache`); set A1111_HF_HOME to use another cache instead.
 
 Set up and tested with v1.10.1 on Python 3.11 and CPU torch 2.14.1 (the webui's requirements_versions.txt with
-setuptools relaxed to >=77.0.3,<81, which torch 2.14 needs): see loraloop/a1111/README.md, "Testing against a real
+setuptools relaxed to >=77.0.3,<81, which torch 2.14 needs): see a1111/README.md, "Testing against a real
 webui". The numbers (timings, mean |Δ| of the LoRA image) are printed; run with -s to see them.
 """
 
@@ -118,7 +118,7 @@ def seed_hf_cache(hf_home: Path) -> Path:
     """A Hugging Face cache holding openai/clip-vit-large-patch14's config and tokenizer, made offline from what this
     repository ships: the CLIP-L text config (model_configs/sd1/text_encoder) and the tokenizer files rebuilt from
     open-clip-torch's BPE vocabulary (loraloop.trainer.tokenizer). The webui's FrozenCLIPEmbedder reads them even when
-    the checkpoint holds the weights (hosts.md §10). Returns the snapshot folder."""
+    the checkpoint holds the weights (docs/hosts.md §10). Returns the snapshot folder."""
     from loraloop.trainer.bundles.checkpoint import shipped_config_dir
     from loraloop.trainer.tokenizer import PAD_TOKENS, write_tokenizer_files
 
@@ -233,7 +233,7 @@ def _txt2img(base: str, prompt: str) -> dict:
 
 
 def test_train_in_the_real_webui_and_use_the_lora(webui_server):
-    from loraloop.a1111 import form
+    from loraloop.a1111 import widgets as form
 
     base, data = webui_server["base"], webui_server["data"]
     config = _call(base, "/config", timeout=60)

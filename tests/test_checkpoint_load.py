@@ -224,7 +224,7 @@ class TestErrors:
                                    "diffusers folder, or use builtin:tiny-sd1 for a try-out")
 
     def test_folder_without_model_index(self, tmp_path: Path) -> None:
-        with pytest.raises(LoraLoopError, match="is a folder without model_index.json"):
+        with pytest.raises(LoraLoopError, match=r"is a folder without model_index\.json"):
             load_checkpoint_bundle(tmp_path)
 
     def test_unknown_suffix(self, tmp_path: Path) -> None:

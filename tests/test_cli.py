@@ -122,3 +122,41 @@ def test_config_explain_shows_cache_text_encoder_outputs(tmp_path, capsys):
     assert main(["config", "--explain", str(cfg)]) == 0
     line = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}["cache_text_encoder_outputs"]
     assert "False" in line and f"[{cfg}]" in line and "Encode each caption once" in line
+
+
+def test_ctrl_c_mid_training_saves_the_last_completed_step(tmp_path):
+    """Ctrl-C is a cancel, not a traceback: the LoRA as of the last completed step is written, exit code 130."""
+    import signal
+    import time
+
+    from loraloop.trainer.lorafile import load_lora
+
+    demo = ROOT / "cli" / "demo" / "dataset"
+    config = write(tmp_path / "long.yaml", f"""\
+base_model: builtin:tiny-sd1
+train_data_dir: {demo}
+metadata_path: {demo / "metadata.csv"}
+resolution: 64
+min_bucket_reso: 32
+max_bucket_reso: 128
+bucket_reso_steps: 16
+max_train_steps: 100000
+save_every_n_steps: 2
+output_dir: {tmp_path / "out"}
+output_name: long
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "loraloop", "train", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "out" / "long-step000002.safetensors").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    saved = sorted((tmp_path / "out").glob("long-cancelled-step*.safetensors"))
+    assert len(saved) == 1 and f"saved what was trained so far to {saved[0]}" in err
+    steps = int(saved[0].stem.rsplit("step", 1)[1])
+    assert steps >= 2 and load_lora(saved[0])[1]["ss_steps"] == str(steps)
+    assert not (tmp_path / "out" / "long.safetensors").exists()

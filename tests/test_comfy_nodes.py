@@ -2,25 +2,27 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+from comfy_stub.harness import FAST, run_node, setup_host  # puts the stub first
+
+# isort: split
 import pytest
 import torch
+from comfy_stub import stub_models
 from safetensors import safe_open
 
-from comfy_stub.harness import FAST, run_node, setup_host  # noqa: I001 - puts the stub first
-
-from comfy_stub import stub_models
-from loraloop.comfy import nodes
-from loraloop.comfy.config_inputs import HOST_OWNED
-from loraloop.comfy.prompt import parse_lora_tags
+from loraloop.nodes import definitions as nodes
+from loraloop.nodes.prompt import parse_lora_tags
+from loraloop.nodes.widgets import HOST_OWNED
 from loraloop.trainer.config import TrainConfig, field_help
 from loraloop.trainer.errors import ConfigError, DatasetError, LoraFileError
 
 ROOT = Path(__file__).resolve().parent.parent
-# Built-in node ids of ComfyUI 0.12.3 that a custom node must not reuse (hosts.md §1.1).
+# Built-in node ids of ComfyUI 0.12.3 that a custom node must not reuse (docs/hosts.md §1.1).
 CORE_IDS = {"TrainLoraNode", "LoraModelLoader", "SaveLoRA", "LossGraphNode", "LoadImageDataSetFromFolder",
             "LoadImageTextDataSetFromFolder", "MakeTrainingDataset", "ResolutionBucket", "SaveTrainingDataset",
             "LoadTrainingDataset", "LoraLoader", "CLIPTextEncode", "Caption", "LoadDataset", "TrainLoRA"}
@@ -67,33 +69,36 @@ def test_config_widgets_come_from_trainconfig_metadata(host):
             assert {c for c in meta["choices"] if c is not None} <= set(widgets[name].options)
     assert widgets["lora_rank"].min == 1 and widgets["lora_rank"].max == 1024 and widgets["lora_rank"].default == 8
     assert widgets["learning_rate"].default == TrainConfig().learning_rate
-    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(widgets) - {"import_yaml", "export_yaml"} | set(HOST_OWNED)
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert keys == set(widgets) - {"import_yaml", "export_yaml"} | set(HOST_OWNED)
 
 
-def test_entry_point_imports_without_comfyui_and_generates_v1_mappings():
-    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('pack', sys.argv[1]); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "assert 'comfy' not in sys.modules and not hasattr(m, 'comfy_entrypoint'); "
-            "import json; print(json.dumps({k: [v.FUNCTION, v.CATEGORY, list(v.RETURN_TYPES), "
-            "sorted(v.INPUT_TYPES())] for k, v in m.NODE_CLASS_MAPPINGS.items()} | {'web': m.WEB_DIRECTORY, "
-            "'names': m.NODE_DISPLAY_NAME_MAPPINGS}))")
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "__init__.py")], capture_output=True, text=True,
-                         cwd="/", check=True)
-    data = json.loads(out.stdout)
-    v3 = {s.node_id: s for s in (n.define_schema() for n in nodes.NODES)}
-    assert set(data["names"]) == set(v3) and data["web"] == "./web"
-    assert (ROOT / "web" / "loraloop.js").is_file()
-    assert data["LoRALoop_TrainLoRA"][:3] == ["run", "LoRA Loop", ["LORA_MODEL", "MODEL", "CLIP", "IMAGE", "INT"]]
-    assert "hidden" in data["LoRALoop_TrainLoRA"][3] and "optional" in data["LoRALoop_SaveLoRA"][3]
+# ComfyUI imports a pack by path under the path itself (dots replaced): relative imports must resolve under that name.
+COMFY_MODULE_NAME = "/opt/ComfyUI/custom_nodes/loraloop_x_git"
+
+
+def test_entry_point_is_cheap_outside_comfyui_and_says_what_it_needs():
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location(sys.argv[2], sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); sys.modules[sys.argv[2]] = m; spec.loader.exec_module(m); "
+            "heavy = [n for n in ('torch', 'comfy', 'comfy_api', 'diffusers', 'peft') if n in sys.modules]; "
+            "assert not heavy, heavy; assert not hasattr(m, 'NODE_CLASS_MAPPINGS'); print(m.WEB_DIRECTORY); "
+            "m.comfy_entrypoint")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "__init__.py"), COMFY_MODULE_NAME],
+                         capture_output=True, text=True, cwd="/")
+    assert out.stdout.strip() == "./web" and (ROOT / "web" / "loraloop.js").is_file()
+    assert out.returncode != 0 and "need ComfyUI 0.12.3 or newer" in out.stderr
 
 
 def test_entry_point_exposes_v3_inside_comfyui():
     code = ("import importlib.util, sys; sys.path.insert(0, sys.argv[2]); "
-            "spec = importlib.util.spec_from_file_location('pack', sys.argv[1]); m = importlib.util.module_from_spec(spec); "
-            "spec.loader.exec_module(m); import asyncio; ext = asyncio.run(m.comfy_entrypoint()); "
-            "assert not hasattr(m, 'NODE_CLASS_MAPPINGS'); print(len(asyncio.run(ext.get_node_list())))")
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "__init__.py"), str(ROOT / "tests" / "comfy_stub")],
-                         capture_output=True, text=True, cwd="/", check=True)
+            "spec = importlib.util.spec_from_file_location(sys.argv[3], sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); sys.modules[sys.argv[3]] = m; spec.loader.exec_module(m); "
+            "import asyncio; ext = asyncio.run(m.comfy_entrypoint()); "
+            "assert not hasattr(m, 'NODE_CLASS_MAPPINGS') and 'loraloop' not in sys.modules; "
+            "print(len(asyncio.run(ext.get_node_list())))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "__init__.py"), str(ROOT / "tests" / "comfy_stub"),
+                          COMFY_MODULE_NAME], capture_output=True, text=True, cwd="/", check=True,
+                         env={**os.environ, "PYTHONNOUSERSITE": "1"})
     assert out.stdout.strip() == str(len(nodes.NODES))
 
 
@@ -112,14 +117,14 @@ def test_load_dataset_and_caption(host):
     with pytest.raises(ConfigError, match="already exist"):
         run_node(nodes.Caption, dataset=[dataset], source=["none"], trigger_word=["x"], prefix=[""], suffix=[""],
                  find=[""], replace=[""], write_sidecars=[True], overwrite_sidecars=[False])
-    with pytest.raises(ConfigError, match="has 2 strings but .* 12 images"):
+    with pytest.raises(ConfigError, match=r"has 2 strings but .* 12 images"):
         run_node(nodes.Caption, dataset=[dataset], source=["strings"], trigger_word=[""], prefix=[""], suffix=[""],
                  find=[""], replace=[""], write_sidecars=[False], overwrite_sidecars=[False], captions=["a", "b"])
 
 
 @pytest.mark.parametrize("folder", ["../outside", "/etc", "C:\\data", "style/../../x"])
 def test_dataset_paths_cannot_escape_the_input_folder(host, folder):
-    with pytest.raises((ConfigError, DatasetError), match="invalid dataset folder|not found"):
+    with pytest.raises((ConfigError, DatasetError), match=r"invalid dataset folder|not found"):
         run_node(nodes.LoadDataset, folder=folder, recursive=False, caption_extension=".txt")
 
 
@@ -148,14 +153,14 @@ def test_train_save_and_prompt_end_to_end(host, caplog):
     config = run_node(nodes.LoRATrainConfig, **{**widgets, **FAST, "max_train_steps": 2}).args[0]
     out = run_node(nodes.TrainLoRA, model=model, clip=clip, vae=vae, dataset=dataset, config=config, name="flat",
                    save_on_cancel=True)
-    lora, model_out, clip_out, loss, steps = out.args
+    lora, model_out, _clip_out, loss, steps = out.args
     assert steps == 2 and loss.shape[0] == 1 and loss.shape[-1] == 3 and model_out is not model
     names = [run_node(nodes.SaveLoRA, lora=lora, name="../flat style?", subfolder="").args[0] for _ in range(2)]
     assert names == ["flat style.safetensors", "flat style_2.safetensors"]  # sanitized, unique, inside loras
     folder = host / "models" / "loras"
     with safe_open(str(folder / names[0]), framework="pt") as fh:
         meta = fh.metadata()
-        assert all(k.startswith("lora_unet_") for k in fh.keys())
+        assert all(k.startswith("lora_unet_") for k in fh.keys())  # noqa: SIM118 - safe_open is no dict
     assert meta["ss_network_module"] == "networks.lora" and meta["modelspec.trigger_phrase"] == "flatstyle"
     card = json.loads((folder / "flat style.json").read_text())
     assert card["trigger_words"] == ["flatstyle"] and card["sd version"] == "SD1"
@@ -165,7 +170,7 @@ def test_train_save_and_prompt_end_to_end(host, caplog):
     assert names[0] in folder_paths.get_filename_list("loras")  # LoraLoader lists it on the next queue
     with pytest.raises(ConfigError, match="invalid LoRA subfolder"):
         run_node(nodes.SaveLoRA, lora=lora, name="x", subfolder="../../etc")
-    cond, model2, clip2, clean = run_node(nodes.LoRAPrompt, model=model, clip=clip,
+    cond, model2, _clip2, clean = run_node(nodes.LoRAPrompt, model=model, clip=clip,
                                           text="<lora:flat style:0.8> flatstyle, a star").args
     assert clean == "flatstyle, a star" and cond[0][0].shape[1] == 77
     strengths = {v[0][0] for v in model2.patches.values()}
@@ -179,15 +184,15 @@ def test_unsupported_family_is_a_clear_error(host):
 
     model, clip, vae = stub_models.build("flux")
     dataset = run_node(nodes.LoadDataset, folder="style", recursive=False, caption_extension=".txt").args[0]
-    with pytest.raises(UnsupportedModelError, match="Flux.*SD 1.x"):
+    with pytest.raises(UnsupportedModelError, match=r"Flux.*SD 1.x"):
         run_node(nodes.TrainLoRA, model=model, clip=clip, vae=vae, dataset=dataset, name="x", save_on_cancel=False)
 
 
 def test_dynamic_vram_patcher_is_loaded_without_full_load(host):
     import comfy.model_management as mm
 
-    from loraloop.comfy.host import ComfyBundle
-    from loraloop.comfy.training import _load_for_training
+    from loraloop.nodes.bundle import ComfyBundle
+    from loraloop.nodes.training import _load_for_training
 
     model, clip, vae = stub_models.build("sd15", dynamic=True)
     with torch.inference_mode(), torch.inference_mode(False):
@@ -236,7 +241,7 @@ def test_memory_plan_node_shows_the_plan_and_follows_the_free_memory(host):
     """Plenty of free memory: the planner leaves checkpointing off (faster); little: it turns it on and says why."""
     import comfy.model_management as mm
 
-    model, clip, vae = stub_models.build("sd15")
+    model, _, _ = stub_models.build("sd15")
     dataset, config = _dataset_and_config(gradient_checkpointing="auto", resolution=512, min_bucket_reso=256,
                                           max_bucket_reso=512)
     mm.FREE_MEMORY = 64 * 2**30
@@ -289,7 +294,7 @@ def test_predict_asks_for_sdpa_attention_through_the_override(host):
     UNet's attention calls go through it is checked only in a real ComfyUI (bench/README.md: SDPA vs sub-quadratic)."""
     from comfy.ldm.modules import attention
 
-    from loraloop.comfy.host import ComfyBundle
+    from loraloop.nodes.bundle import ComfyBundle
     from loraloop.trainer.bundle import Conditioning
 
     model, _, _ = stub_models.build("sd15")
@@ -333,3 +338,82 @@ def test_exported_yaml_imports_back_to_the_same_config(host):
     (host / "input" / "kohya.yaml").write_text("network_dim: 6\nnetwork_alpha: 3\n")
     kohya = run_node(nodes.LoRATrainConfig, **{**widgets, "import_yaml": "kohya.yaml"}).args[0]
     assert kohya.values["lora_rank"] == 6 and kohya.values["lora_alpha"] == 3
+
+
+def test_load_dataset_leaves_buckets_to_the_run_which_shows_its_own(host):
+    """LoadDataset runs before the config and the model are known: its summary shows the image sizes and says that
+    buckets come from LoRATrainConfig at training time (no table at a resolution the run may not use); TrainLoRA prints
+    the buckets of the run (here 64 px)."""
+    import server
+    from PIL import Image
+
+    summary = run_node(nodes.LoadDataset, folder="style", recursive=False, caption_extension=".txt").args[1]
+    assert "Buckets" not in summary and "512x512" not in summary
+    assert "buckets: decided when TrainLoRA runs" in summary and "image sizes: 64x64" in summary
+    assert summary.index("image sizes") < summary.index("Result:")
+    small = host / "input" / "small"  # 40 px: too small for a 512 px run's buckets, fine for a 64 px one
+    small.mkdir()
+    Image.new("RGB", (40, 40), "white").save(small / "a.png")
+    assert "image sizes: 40x40 (1)" in run_node(nodes.LoadDataset, folder="small", recursive=False,
+                                                caption_extension=".txt").args[1]
+    model, clip, vae = stub_models.build("sd15")
+    dataset, config = _dataset_and_config(enable_bucket=True, max_train_steps=1)
+    run_node(nodes.TrainLoRA, model=model, clip=clip, vae=vae, dataset=dataset, config=config, name="b",
+             save_on_cancel=False, preview_steps=0)
+    texts = [m[1]["text"] for m in server.PromptServer.instance.messages if m[0] == "progress_text"]
+    table = next(t for t in texts if "buckets:" in t)
+    sizes = [line.split()[0] for line in table.split("buckets:")[1].splitlines()[2:-1]]
+    assert sizes and "64x64" in sizes and all(int(w) * int(h) <= 64 * 64 for w, h in (s.split("x") for s in sizes))
+
+
+def test_train_lora_preview_steps_is_an_appended_widget_passed_to_training(host, monkeypatch):
+    """The cost of the preview after training is a visible setting: an optional INT appended after TrainLoRA's old
+    widgets (saved workflows keep their values), cheap by default, handed to train_lora as `preview_steps`."""
+    from loraloop.nodes import training
+
+    inputs = nodes.TrainLoRA.GET_SCHEMA().inputs
+    widgets = [i for i in inputs if i.get_io_type() in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
+    assert [i.id for i in widgets] == ["name", "save_on_cancel", "preview_steps"]
+    steps = widgets[-1]
+    assert steps.optional and steps.min == 0 and steps.default == nodes.PREVIEW_STEPS <= 8 and "0 = no sample" in \
+        steps.tooltip
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train_lora(*args, **kwargs):
+        calls.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(training, "train_lora", fake_train_lora)
+    common = dict(model=None, clip=None, vae=None, dataset=None, name="x", save_on_cancel=False)
+    for given in ({"preview_steps": 0}, {"preview_steps": 3}, {}):
+        with pytest.raises(Stop):
+            run_node(nodes.TrainLoRA, **common, **given)
+    assert [c["preview_steps"] for c in calls] == [0, 3, nodes.PREVIEW_STEPS]
+    # The graph samples TrainLoRA's MODEL output (slot 1) anyway: no separate preview on the critical path.
+    sampled = {"7": {"class_type": "LoRALoop_TrainLoRA", "inputs": {}},
+               "9": {"class_type": "KSampler", "inputs": {"model": ["7", 1], "seed": 1}}}
+    saved_only = {"7": {"class_type": "LoRALoop_TrainLoRA", "inputs": {}},
+                  "8": {"class_type": "LoRALoop_SaveLoRA", "inputs": {"lora": ["7", 0]}}}
+    for prompt in (sampled, saved_only):
+        with pytest.raises(Stop):
+            run_node(nodes.TrainLoRA, prompt=prompt, **common, preview_steps=5)
+    assert [c["preview_steps"] for c in calls[3:]] == [0, 5]
+
+
+def test_imported_yaml_uses_the_engines_reading(host):
+    """import_yaml goes through the engine's from_mapping: type errors and typos are the engine's, and a file's
+    `auto` list decides the auto / on / off switch and hands its keys to the planner with their values."""
+    from loraloop.trainer.families import get_family
+
+    widgets = config_widget_defaults()
+    (host / "input" / "bad.yaml").write_text("lora_rank: many\n")
+    with pytest.raises(ConfigError, match=r"lora_rank.*whole number"):
+        run_node(nodes.LoRATrainConfig, **{**widgets, "import_yaml": "bad.yaml"})
+    (host / "input" / "list.yaml").write_text("auto: [lora_rank]\nlora_rank: 32\n")
+    config = run_node(nodes.LoRATrainConfig, **{**widgets, "import_yaml": "list.yaml"}).args[0]
+    resolved = config.resolve(get_family("sd1"), "epsilon", torch.float32)
+    assert resolved.lora_rank == 32 and "lora_rank" in resolved.auto
+    assert resolved.gradient_checkpointing is False and "gradient_checkpointing" not in resolved.auto

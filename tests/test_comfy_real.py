@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from comfy_real_support.server import ComfyServer, cached_nodes, copy_dataset, execution_seconds, make_layout
 from comfy_real_support.workflow import to_api, unknown_nodes, widget_values
 
@@ -42,7 +41,7 @@ pytestmark = pytest.mark.comfyui
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
-DEMO = ROOT / "loraloop" / "demo" / "dataset"
+DEMO = ROOT / "cli" / "demo" / "dataset"
 RESOLUTION = int(os.environ.get("LORALOOP_COMFY_RESOLUTION", "256"))
 TRAIN_STEPS = 4
 SAMPLE_STEPS = 2  # KSampler steps everywhere (the example ships 20)
@@ -163,7 +162,7 @@ class Run:
         if name not in self.results:
             try:
                 self.results[name] = fn()
-            except Exception as err:  # noqa: BLE001 - re-raised now and for every later test
+            except Exception as err:
                 self.results[name] = err
         if isinstance(self.results[name], Exception):
             raise self.results[name]
@@ -219,7 +218,7 @@ def run(server, object_info) -> Run:
 # -- (c) the pack loads, the examples are valid ---------------------------------------------------------------------
 def test_every_node_registered_and_no_import_error(server, object_info):
     # Read from the source, not by importing: in a full run the stand-in's folder_paths may already be imported here.
-    source = (ROOT / "loraloop" / "comfy" / "nodes.py").read_text()
+    source = (ROOT / "nodes" / "definitions.py").read_text()
     expected = {"LoRALoop_" + m for m in re.findall(r'node_id=PREFIX \+ "(\w+)"', source)}
     assert len(expected) == 7
     assert expected == {k for k in object_info if k.startswith("LoRALoop_")}

@@ -4,11 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+from comfy_stub.harness import setup_host  # puts the stub first (sorted before loraloop)
 
-from comfy_stub.harness import setup_host  # noqa: I001 - puts the stub first
-
-from loraloop.comfy import nodes
-from loraloop.comfy.paths import is_plain_relative
+from loraloop.nodes import definitions as nodes
+from loraloop.nodes.paths import is_plain_relative
 
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "example_workflows").glob("*.json"))
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -40,7 +39,8 @@ def definitions():
     out = dict(CORE)
     for node in nodes.NODES:
         s = node.GET_SCHEMA()
-        links = {i.id: i.get_io_type() for i in s.inputs if i.get_io_type() not in WIDGETS or getattr(i, "force_input", None)}
+        links = {i.id: i.get_io_type() for i in s.inputs
+                 if i.get_io_type() not in WIDGETS or getattr(i, "force_input", None)}
         widgets = frontend_widgets([i for i in s.inputs if i.id not in links])
         out[s.node_id] = (links, widgets, [o.io_type for o in s.outputs])
     return out
@@ -57,7 +57,8 @@ def test_no_seed_control_on_our_nodes(tmp_path):
 
 
 def test_three_examples_exist():
-    assert {w.stem for w in WORKFLOWS} == {"train_style_lora_and_sample", "caption_a_folder", "continue_training_a_lora"}
+    assert {w.stem for w in WORKFLOWS} == {"train_style_lora_and_sample", "caption_a_folder",
+                                           "continue_training_a_lora"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -104,7 +105,7 @@ def nodes_schema(node_id):
 def test_widget_order_is_frozen_and_lists_every_option(tmp_path):
     """Saved workflows hold widget values by position: LoRATrainConfig's widgets follow WIDGET_ORDER, which must list
     every engine option that is not host-owned (append new ones at its end, never insert)."""
-    from loraloop.comfy.config_inputs import HOST_OWNED, WIDGET_ORDER
+    from loraloop.nodes.widgets import HOST_OWNED, WIDGET_ORDER
     from loraloop.trainer.config import field_help
 
     setup_host(tmp_path, None)

@@ -1,10 +1,14 @@
 """Configs users already have: the origin article's YAML, lora-scripts' two TOML dialects, sd-scripts' TOML."""
 
 import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
-from loraloop.trainer.config import TrainConfig, from_mapping, load_config
+from loraloop.trainer.config import BUCKET_KEYS, TrainConfig, bucket_defaults, from_mapping, load_config
 from loraloop.trainer.errors import ConfigError
 
 ARTICLE_YAML = """\
@@ -163,7 +167,8 @@ class TestYaml:
         sources = {}
         config = load_config(write(tmp_path, "c.yaml", "lora_rank: 4\n"), {"lora_rank": "8", "seed": "7"}, sources)
         assert (config.lora_rank, config.seed) == (8, 7)
-        assert sources == {"lora_rank": "command line", "seed": "command line"}
+        assert sources == {"lora_rank": "command line", "seed": "command line",
+                           **dict.fromkeys(BUCKET_KEYS, "derived from resolution")}
 
     def test_relative_paths_resolve_against_the_config_folder(self, tmp_path):
         (tmp_path / "imgs").mkdir()
@@ -265,3 +270,142 @@ class TestCacheTextEncoderOutputs:
         """sd-scripts spells it the same; a TOML carries it over instead of listing it as ignored."""
         config = load_config(write(tmp_path, "k.toml", "cache_text_encoder_outputs = false\n"))
         assert config.cache_text_encoder_outputs is False
+
+
+# -- every bad value at once ---------------------------------------------------------------------------------------
+BAD_YAML = 'batch_size: 0\nlora_rank: -4\nlearning_rate: "fast"\n'
+
+
+class TestEveryProblemAtOnce:
+    def test_load_config_names_every_bad_key(self, tmp_path):
+        """Three bad values: one error lists each key, what is wrong and what to do; `key` is the first one."""
+        path = write(tmp_path, "bad.yaml", BAD_YAML)
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        err = info.value
+        assert [p.key for p in err.problems] == ["batch_size", "lora_rank", "learning_rate"]  # the file's order
+        assert (err.key, err.value, err.allowed) == ("batch_size", 0, (1, 256))
+        text = str(err)
+        assert text.startswith(f"3 settings in {path} need fixing:")
+        assert "`batch_size` must be between 1 and 256 (got 0): set it within that range (default 1)" in text
+        assert "`lora_rank` must be between 1 and 1024 (got -4): set it within that range (default 8)" in text
+        assert f"`learning_rate` in {path} must be a float (got 'fast'): write a number (default 0.0001)" in text
+
+    def test_cli_prints_every_key_and_exits_2_without_traceback(self, tmp_path):
+        path = write(tmp_path, "bad.yaml", BAD_YAML)
+        proc = subprocess.run([sys.executable, "-m", "loraloop", "train", "--config", str(path)], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: 3 settings")
+        for key in ("batch_size", "lora_rank", "learning_rate"):
+            assert f"`{key}`" in proc.stderr
+
+    def test_a_single_problem_reads_as_before(self):
+        with pytest.raises(ConfigError) as info:
+            from_mapping({"lora_rank": 0}).validate()
+        assert len(info.value.problems) == 1 and str(info.value).startswith("`lora_rank` must be between 1 and 1024")
+
+    def test_from_mapping_collects_unknown_keys_and_types(self):
+        with pytest.raises(ConfigError) as info:
+            from_mapping({"lora_rnak": 4, "seed": "x", "epochs": "many"}, "the form")
+        assert [p.key for p in info.value.problems] == ["lora_rnak", "seed", "epochs"]
+
+    def test_toml_problems_join_the_others(self, tmp_path):
+        path = write(tmp_path, "x.toml", 'optimizer_type = "DAdaptation"\ntrain_batch_size = 0\n')
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert {p.key for p in info.value.problems} == {"optimizer_type", "batch_size"}
+
+
+# -- the import cycle and a torch-free `config --explain` ----------------------------------------------------------
+def test_plannable_keys_live_in_the_config_module():
+    """config.py imports nothing of the memory package; the planner takes PLANNABLE from config."""
+    import ast
+
+    from loraloop.trainer import config
+    from loraloop.trainer.memory.planning import planner
+
+    assert planner.PLANNABLE is config.PLANNABLE
+    tree = ast.parse(Path(config.__file__).read_text(encoding="utf-8"))
+    siblings = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
+    assert sorted(siblings) == ["config_formats", "errors"], siblings
+
+
+def test_config_explain_runs_without_torch(tmp_path):
+    """`loraloop config --explain` validates and prints the effective config with torch, diffusers and peft blocked;
+    the derived bucket limits show as numbers."""
+    path = write(tmp_path, "c.yaml", "resolution: 64\nlora_rank: 4\n")
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "diffusers", "peft", "transformers"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        from loraloop.cli import main
+        code = main(["config", "--explain", {str(path)!r}])
+        assert "torch" not in sys.modules
+        sys.exit(code)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines()}
+    assert lines["lora_rank"][1] == "4" and lines["resolution"][1] == "64"
+    assert (lines["min_bucket_reso"][1], lines["max_bucket_reso"][1], lines["bucket_reso_steps"][1]) == (
+        "32", "128", "8")
+    assert "derived from resolution" in " ".join(lines["min_bucket_reso"])
+
+
+# -- derived defaults follow the settings they depend on -------------------------------------------------------------
+class TestBucketDefaults:
+    @pytest.mark.parametrize(("resolution", "expected"), [
+        (512, (256, 1024, 64)), (768, (256, 1536, 64)), (1024, (256, 2048, 64)), (256, (256, 1024, 64)),
+        (520, (256, 1088, 64)),  # 2·520 rounded up onto the step
+        (128, (64, 256, 16)), (64, (32, 128, 8)),
+    ])
+    def test_rule(self, resolution, expected):
+        d = bucket_defaults(resolution)
+        assert (d["min_bucket_reso"], d["max_bucket_reso"], d["bucket_reso_steps"]) == expected
+        assert TrainConfig(resolution=resolution).validate().bucket_limits() == dict(zip(
+            ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"), expected, strict=True))
+
+    def test_resolution_64_yaml_loads_and_shows_resolved_numbers(self, tmp_path):
+        config = load_config(write(tmp_path, "c.yaml", "resolution: 64\n"))
+        assert config.min_bucket_reso is None  # still derived: a later resolution change moves it
+        assert {k: config.to_dict()[k] for k in BUCKET_KEYS} == {
+            "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 8}
+
+    def test_host_values_follow_resolution(self):
+        """A host widget sets only the resolution: the limits follow, also after a later replace."""
+        from dataclasses import replace
+
+        config = from_mapping({"resolution": 64}, "the LoRA Loop tab").validate()
+        assert config.bucket_limits()["min_bucket_reso"] == 32
+        assert replace(config, resolution=1024).validate().bucket_limits()["max_bucket_reso"] == 2048
+
+    def test_explicit_step_moves_the_derived_sides_onto_it(self):
+        limits = TrainConfig(resolution=512, bucket_reso_steps=48).validate().bucket_limits()
+        assert limits == {"min_bucket_reso": 240, "max_bucket_reso": 1056, "bucket_reso_steps": 48}
+
+    @pytest.mark.parametrize(("text", "key", "message"), [
+        ("resolution: 64\nmin_bucket_reso: 256", "min_bucket_reso",
+         "`min_bucket_reso` 256 is above `resolution` 64: set min_bucket_reso to 64 or less, or leave it unset "
+         "(then 32)"),
+        ("max_bucket_reso: 256", "max_bucket_reso",
+         "`max_bucket_reso` 256 is below `resolution` 512: set max_bucket_reso to 512 or more, or leave it unset "
+         "(then 1024)"),
+        ("min_bucket_reso: 300", "min_bucket_reso",
+         "`min_bucket_reso` 300 is not a multiple of `bucket_reso_steps` 64 (derived from `resolution` 512): set "
+         "min_bucket_reso to 256 or 320, or leave it unset (then 256)"),
+        ("resolution: 64\nbucket_reso_steps: 128", "bucket_reso_steps",
+         "`bucket_reso_steps` 128 is above `resolution` 64: set bucket_reso_steps to 64 or less, or leave it unset "
+         "(then 8)"),
+    ])
+    def test_contradictions_say_which_value_to_change_and_to_what(self, tmp_path, text, key, message):
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, "c.yaml", text + "\n"))
+        assert info.value.key == key and str(info.value) == message
+
+    def test_unused_without_buckets(self, tmp_path):
+        config = load_config(write(tmp_path, "c.yaml", "resolution: 64\nmin_bucket_reso: 256\nenable_bucket: false\n"))
+        assert config.min_bucket_reso == 256

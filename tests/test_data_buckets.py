@@ -21,7 +21,7 @@ from loraloop.trainer.data.buckets import (
 )
 from loraloop.trainer.data.options import DatasetOptions
 
-# Worked by hand from the rule (lora-format.md §5): max_area = 512² = 262144; for width w = 256..1024 step 64,
+# Worked by hand from the rule (docs/lora-format.md §5): max_area = 512² = 262144; for width w = 256..1024 step 64,
 # h = min(1024, ⌊262144 / w / 64⌋·64): 256→1024, 320→768, 384→640, 448→576, 512→512, 576→448, 640→384, 704→320,
 # 768→320, 832→256, 896→256, 960→256, 1024→256.
 KOHYA_512 = [(256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576),

@@ -24,9 +24,10 @@ def test_defaults_and_coercion(tmp_path: Path) -> None:
     ("crop", "top", "center"),
     ("resolution", 500, "multiple of 8"),
     ("resolution", 32, "64 to 8192"),
-    ("min_bucket_reso", 1024, "64 to 512"),
-    ("max_bucket_reso", 256, "512 to 8192"),
-    ("min_bucket_reso", 300, "multiple of bucket_reso_steps"),
+    ("min_bucket_reso", 1024, "set min_bucket_reso to 512 or less, or leave it unset (then 256)"),
+    ("max_bucket_reso", 256, "set max_bucket_reso to 512 or more, or leave it unset (then 1024)"),
+    ("min_bucket_reso", 300, "not a multiple of `bucket_reso_steps` 64"),
+    ("min_bucket_reso", "big", "an integer"),
     ("bucket_reso_steps", 60, "multiple of 8"),
     ("caption_dropout_rate", 1.5, "0.0 to 1.0"),
     ("caption_tag_dropout_rate", -0.1, "0.0 to 1.0"),
@@ -60,9 +61,21 @@ class TestBucketLimits:
         assert options.min_bucket_reso == 256
 
     def test_checked_with_buckets(self, tmp_path: Path) -> None:
-        """The same limits with buckets on name min_bucket_reso and its allowed range."""
+        """The same limits with buckets on: the message names the value to change, to what, and the derived one."""
         with pytest.raises(ConfigError) as err:
             DatasetOptions(train_data_dir=tmp_path, resolution=128, min_bucket_reso=256, enable_bucket=True)
         assert err.value.key == "min_bucket_reso"
-        assert str(err.value) == ("dataset option min_bucket_reso = 256 is not allowed; expected an integer from 64 "
-                                  "to 128")
+        assert str(err.value) == ("`min_bucket_reso` 256 is above `resolution` 128: set min_bucket_reso to 128 or "
+                                  "less, or leave it unset (then 64)")
+
+    @pytest.mark.parametrize(("resolution", "expected"), [(64, (32, 128, 8)), (512, (256, 1024, 64)),
+                                                          (1024, (256, 2048, 64))])
+    def test_unset_limits_follow_the_resolution(self, tmp_path: Path, resolution: int,
+                                                expected: tuple[int, int, int]) -> None:
+        """Left unset, the limits are derived from the resolution by the config's rule: 64 px no longer meets 256."""
+        o = DatasetOptions(train_data_dir=tmp_path, resolution=resolution)
+        assert (o.min_bucket_reso, o.max_bucket_reso, o.bucket_reso_steps) == expected
+
+    def test_explicit_limits_are_kept(self, tmp_path: Path) -> None:
+        o = DatasetOptions(train_data_dir=tmp_path, resolution=64, min_bucket_reso=32, bucket_reso_steps=32)
+        assert (o.min_bucket_reso, o.max_bucket_reso, o.bucket_reso_steps) == (32, 128, 32)

@@ -11,7 +11,7 @@ from loraloop.trainer.data.report import check_dataset, format_report
 
 
 def opts(root: Path, **kw: object) -> DatasetOptions:
-    base = {"resolution": 128, "min_bucket_reso": 64, "max_bucket_reso": 256}
+    base = {"resolution": 128, "min_bucket_reso": 64, "max_bucket_reso": 256, "bucket_reso_steps": 64}
     base.update(kw)
     return DatasetOptions(train_data_dir=root, **base)  # type: ignore[arg-type]
 

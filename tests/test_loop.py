@@ -4,16 +4,16 @@ import math
 
 import pytest
 import torch
+from test_network import assert_restored, snapshot
 
 from loraloop.trainer.batches import dataset_options
 from loraloop.trainer.config import TrainConfig
 from loraloop.trainer.data import TrainDataset
 from loraloop.trainer.errors import NonFiniteLossError, TrainingInterrupted
-from loraloop.trainer.loop import train
+from loraloop.trainer.loop import non_finite_advice, train
 from loraloop.trainer.progress import NullSink
 from loraloop.trainer.runner import prepare_batches
 from loraloop.trainer.state import TrainState
-from test_network import assert_restored, snapshot
 
 
 def config_for(dataset_dir, **kw):
@@ -136,9 +136,20 @@ class TestFailures:
 
         batches.micro_batch = poisoned
         before = snapshot(tiny_sd1.unet)
-        with pytest.raises(NonFiniteLossError, match=r"the loss became nan at step 1; nothing was saved\. Lower "):
+        expected = r"the loss became nan at step 1; nothing was saved\. Lower "
+        with pytest.raises(NonFiniteLossError, match=expected) as err:
             train(tiny_sd1, batches, config)
         assert_restored(before, tiny_sd1.unet)
+        assert "fp16" not in str(err.value) and "bf16" not in str(err.value)  # this run has no mixed precision
+
+    def test_nan_advice_names_only_levers_of_the_run(self):
+        """fp16 → bf16 only when fp16 is on; max_grad_norm only when clipping is off; the learning rate always."""
+        plain = non_finite_advice(TrainConfig(mixed_precision="no", learning_rate=1e-3))
+        assert plain == "Lower learning_rate (now 0.001)"
+        fp16 = non_finite_advice(TrainConfig(mixed_precision="fp16", max_grad_norm=None))
+        assert fp16 == ("Lower learning_rate (now 0.0001), use mixed_precision bf16 instead of fp16 or enable "
+                        "max_grad_norm (1.0 is typical)")
+        assert "fp16" not in non_finite_advice(TrainConfig(mixed_precision="bf16"))
 
     def test_error_mid_run_restores(self, tiny_sd1, demo_dataset):
         config = config_for(demo_dataset, max_train_steps=5, train_text_encoder=True)

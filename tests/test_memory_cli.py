@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from loraloop.trainer.memory.cli import add_plan_parser
-
+from loraloop.cli.plan import add_plan_parser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,5 +58,6 @@ class TestPlanCommand:
 
         config = tmp_path / "run.yaml"
         config.write_text("learning_rate: auto\n")
-        with pytest.raises(ConfigError, match="`learning_rate` in .* cannot be auto; `auto` is allowed for batch_size"):
+        expected = r"`learning_rate` in .* cannot be auto; `auto` is allowed for batch_size"
+        with pytest.raises(ConfigError, match=expected):
             run_plan(["--config", str(config)], capsys)

@@ -11,13 +11,14 @@ from loraloop.trainer.batches import dataset_options
 from loraloop.trainer.config import TrainConfig
 from loraloop.trainer.data import TrainDataset
 from loraloop.trainer.loop import train
-from loraloop.trainer.memory.architecture import count_family_sizes, family_sizes, meta_bundle
-from loraloop.trainer.memory.devices import DEVICES, GIB, cpu_device
-from loraloop.trainer.memory.estimate import ModelInfo, RunShape, estimate_memory, estimate_time
-from loraloop.trainer.memory.probe import measure
-from loraloop.trainer.memory.profiles import TRACE_RANK, family_profile, load_shipped, trace_sides
-from loraloop.trainer.memory.simulate import StepSetup, simulate_step
-from loraloop.trainer.memory.tracer import LiveBytes
+from loraloop.trainer.memory import GIB, ModelInfo, RunShape
+from loraloop.trainer.memory.estimation.architecture import count_family_sizes, family_sizes, meta_bundle
+from loraloop.trainer.memory.estimation.devices import DEVICES, cpu_device
+from loraloop.trainer.memory.estimation.estimate import estimate_memory, estimate_time
+from loraloop.trainer.memory.estimation.probe import measure
+from loraloop.trainer.memory.estimation.profiles import TRACE_RANK, family_profile, load_shipped, trace_sides
+from loraloop.trainer.memory.estimation.simulate import StepSetup, simulate_step
+from loraloop.trainer.memory.estimation.tracer import LiveBytes
 from loraloop.trainer.network import NetworkSpec
 from loraloop.trainer.progress import NullSink
 from loraloop.trainer.runner import prepare_batches
@@ -149,7 +150,7 @@ class TestFullSizeArchitectures:
 
 
 class TestPublishedNumbers:
-    """Sanity against landscape.md §3: the model must agree with what users report."""
+    """Sanity against docs/landscape.md §3: the model must agree with what users report."""
 
     def shape(self, family, resolution, **kw):
         return RunShape(family, (resolution, resolution), mixed_precision="fp16", **kw)
@@ -193,7 +194,7 @@ class TestProbe:
     def test_probe_calibrates_against_a_real_run(self, tmp_path):
         """Two real CPU steps: the measured peak is within the stated error of the estimate (scale ≈ 1)."""
         from loraloop.trainer.bundles.tiny import build_tiny_bundle
-        from loraloop.trainer.memory.autoplan import plan_for_config, probe
+        from loraloop.trainer.memory.planning.autoplan import plan_for_config, probe
 
         bundle = build_tiny_bundle("tiny-sd1")
         data = random_dataset(tmp_path, 64)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from loraloop.trainer.config import TrainConfig
-from loraloop.trainer.memory.devices import DEVICES, GIB, with_memory
-from loraloop.trainer.memory.estimate import ModelInfo
-from loraloop.trainer.memory.planner import PLANNABLE, DatasetFacts, PlanRequest, divisors, make_plan
+from loraloop.trainer.config import PLANNABLE, TrainConfig
+from loraloop.trainer.memory import GIB, DatasetFacts, ModelInfo, PlanRequest, make_plan, with_memory
+from loraloop.trainer.memory.estimation.devices import DEVICES
+from loraloop.trainer.memory.planning.planner import divisors
 
 ALL = frozenset(PLANNABLE)
 
@@ -103,6 +103,17 @@ class TestConstraints:
         assert (config.resolution, config.lora_rank, config.gradient_checkpointing, config.mixed_precision) == \
             (p.resolution, p.shape.lora_rank, True, "bf16")
 
+    def test_apply_lets_bucket_limits_follow_a_lower_resolution(self, infos):
+        """SDXL at 6 GB drops to 640 px: derived limits follow it; explicit ones it contradicts are re-derived."""
+        p = plan(infos, "sdxl", 1024, 6, rank=16)
+        assert p.resolution == 640
+        derived = p.apply(TrainConfig(family="sdxl", resolution=1024, lora_rank=16))
+        assert derived.max_bucket_reso is None
+        assert derived.bucket_limits() == {"min_bucket_reso": 256, "max_bucket_reso": 1280, "bucket_reso_steps": 64}
+        explicit = p.apply(TrainConfig(family="sdxl", resolution=1024, lora_rank=16, min_bucket_reso=768,
+                                       max_bucket_reso=2048))
+        assert (explicit.min_bucket_reso, explicit.max_bucket_reso) == (None, 1280)
+
     def test_plan_reports_eta_and_json(self, infos):
         p = plan(infos, "sd1", 512, 8)
         from dataclasses import replace
@@ -120,7 +131,7 @@ def test_divisors():
 
 def test_fit_advice_names_settings_and_memory():
     """The give-up message's "what would fit" line, from a plan with every key auto."""
-    from loraloop.trainer.memory.autoplan import fit_advice
+    from loraloop.trainer.memory import fit_advice
 
     text = fit_advice(TrainConfig(family="sdxl", base_model="model.safetensors", resolution=1024), free=8 * GIB)
     assert "resolution" in text and "GB" in text
@@ -154,7 +165,7 @@ class TestTextCache:
         assert p.apply(TrainConfig(family="sd1", shuffle_caption=True)).cache_text_encoder_outputs is True
 
     def test_run_shape_from_config_reads_the_field(self):
-        from loraloop.trainer.memory.estimate import RunShape
+        from loraloop.trainer.memory import RunShape
 
         assert RunShape.from_config(TrainConfig(), "sd1").cache_text
         assert not RunShape.from_config(TrainConfig(cache_text_encoder_outputs=False), "sd1").cache_text

@@ -12,12 +12,11 @@ from loraloop.trainer.batches import dataset_options
 from loraloop.trainer.checkpointing import CHECKPOINT_CLASSES
 from loraloop.trainer.config import TrainConfig
 from loraloop.trainer.data import TrainDataset
-from loraloop.trainer.memory.levers import downscale_latents, shrink_rank
-from loraloop.trainer.memory.recovery import OomRecovery, OutOfMemoryGiveUp, is_out_of_memory
+from loraloop.trainer.memory import OomRecovery, OutOfMemoryGiveUp, is_out_of_memory
+from loraloop.trainer.memory.recovery.levers import downscale_latents, shrink_rank
 from loraloop.trainer.metadata import RunInfo
 from loraloop.trainer.progress import NullSink
 from loraloop.trainer.runner import prepare_batches
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -277,7 +276,8 @@ class TestEightBitOptimizer:
         monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails, find_spec says absent
         config = make_config(demo_dataset, batch_size=1, max_train_steps=2)
         fake = FakeBitsAndBytes()  # never installed: the memory never fits
-        with caplog.at_level("INFO", logger="loraloop.trainer.memory.recovery"), pytest.raises(OutOfMemoryGiveUp):
+        logger = "loraloop.trainer.memory.recovery.ladder"
+        with caplog.at_level("INFO", logger=logger), pytest.raises(OutOfMemoryGiveUp):
             run_optimizer_bound(tiny_sd1, config, monkeypatch, fake, oom_from_step=0)
         assert "OOM ladder: 8-bit optimizer skipped (bitsandbytes is not installed)" in caplog.messages
         assert not any("adamw8bit" in m for m in caplog.messages if m.startswith("out of memory"))

@@ -6,11 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from loraloop.trainer.memory import recovery as recovery_module
-from loraloop.trainer.memory.recovery import OomRecovery
-from loraloop.trainer.memory.spill import SpillGuard
+from loraloop.trainer.memory import GIB as GB
+from loraloop.trainer.memory import OomRecovery, SpillGuard
+from loraloop.trainer.memory.recovery import ladder as recovery_module
 
-GB = 1024**3
 FULL, HALF, TOTAL = int(7.9 * GB), 4 * GB, 8 * GB
 
 

@@ -1,11 +1,11 @@
-"""UNet layout mapping and kohya key names (lora-format.md §1.2-§2)."""
+"""UNet layout mapping and kohya key names (docs/lora-format.md §1.2-§2)."""
 
 import re
 
 import pytest
 import torch
-
 from ldm_support import SD2_UNET, SD15_UNET, TINY_UNET, ldm_unet
+
 from loraloop.trainer.naming import UNetLayout, find_targets, kohya_te_name, ldm_unet_lora_name, unet_targets
 
 TE_PATTERN = r"(?:.*\.)?layers\.(\d+)\.((?:self_attn\.(?:q|k|v|out)_proj)|(?:mlp\.fc[12]))"
@@ -44,7 +44,7 @@ class TestUNetLayout:
         assert len(dsd) == len(ldm.state_dict())
 
     def test_sd15_closed_forms(self):
-        """The SD1.5 map matches the closed forms A1111 and diffusers use (lora-format.md §2.2)."""
+        """The SD1.5 map matches the closed forms A1111 and diffusers use (docs/lora-format.md §2.2)."""
         layout = UNetLayout.from_ldm_module(meta_ldm(**SD15_UNET))
         assert layout == UNetLayout(2, (True, True, True, False), (False, True, True, True))
         assert layout.to_diffusers("input_blocks.4.1.proj_in") == "down_blocks.1.attentions.0.proj_in"
@@ -102,7 +102,10 @@ class TestKohyaNames:
         assert layout.to_ldm("down_blocks.1.downsamplers.0.conv") == "input_blocks.6.0.op"
 
     def test_text_encoder_names_ignore_host_prefixes(self):
-        """CLIP layer names come out the same whatever the host calls the module (transformers 4 or 5, A1111, ComfyUI)."""
+        """CLIP layer names come out the same whatever the host calls the module.
+
+        (transformers 4 or 5, A1111, ComfyUI)
+        """
         expected = "lora_te1_text_model_encoder_layers_11_mlp_fc2"
         for path in ("encoder.layers.11.mlp.fc2", "text_model.encoder.layers.11.mlp.fc2",
                      "transformer.text_model.encoder.layers.11.mlp.fc2"):

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-
 from ldm_support import tiny_ldm_bundle
+
+from loraloop.trainer.config import TrainConfig, field_default
 from loraloop.trainer.errors import ConfigError, LoraFileError
-from loraloop.trainer.network import Network, NetworkSpec, spec_from_state_dict
+from loraloop.trainer.network import Network, NetworkSpec, network_spec, spec_from_state_dict
 
 
 def snapshot(*modules):
@@ -39,7 +40,7 @@ def perturb(network, seed=1, scale=0.05):
 
 
 def lycoris_delta(tensors, stem, weight_shape):
-    """ΔW as ComfyUI/A1111 compute it from a file (lora-format.md §1.4, §1.6)."""
+    """ΔW as ComfyUI/A1111 compute it from a file (docs/lora-format.md §1.4, §1.6)."""
     t = {k.split(".", 1)[1]: v.float() for k, v in tensors.items() if k.split(".", 1)[0] == stem}
     if "lora_down.weight" in t:
         down, up = t["lora_down.weight"], t["lora_up.weight"]
@@ -54,7 +55,8 @@ def lycoris_delta(tensors, stem, weight_shape):
     dim = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else (t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else None)
     scale = t["alpha"].item() / dim if low_rank else 1.0
     if len(weight_shape) == 4 and w2.dim() == 2:
-        w2 = w2.reshape(w2.shape[0], -1, *weight_shape[2:]) if w2.numel() != w2.shape[0] * w2.shape[1] else w2[..., None, None]
+        flat = w2.numel() == w2.shape[0] * w2.shape[1]
+        w2 = w2[..., None, None] if flat else w2.reshape(w2.shape[0], -1, *weight_shape[2:])
     if w2.dim() == 4:
         w1 = w1[..., None, None]
     return torch.kron(w1, w2).reshape(weight_shape) * scale
@@ -114,7 +116,8 @@ class TestExport:
         """down (r,in[,k,k]), up (out,r[,1,1]), 0-dim alpha, all in the save dtype."""
         with Network(tiny_sd1, NetworkSpec("locon", rank=4, alpha=2, conv_rank=2, conv_alpha=1)) as net:
             sd = net.state_dict(torch.float16)
-        assert sd["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape == (4, 32)
+        key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+        assert sd[key].shape == (4, 32)
         assert sd["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (4, 32, 1, 1)
         assert sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (2, 32, 3, 3)
         assert sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].shape == (32, 2, 1, 1)
@@ -160,7 +163,31 @@ class TestLoad:
     def test_wrong_rank_names_the_key(self, tiny_sd1):
         with Network(tiny_sd1, NetworkSpec(rank=2)) as net:
             sd = net.state_dict(torch.float32)
-        with Network(tiny_sd1, NetworkSpec(rank=4)) as net:
-            with pytest.raises(LoraFileError, match=r"lora_unet_down_blocks_0_attentions_0_proj_in\.lora_down\.weight has shape \(2, 32, 1, 1\) but the "
-                               r"network expects \(4, 32, 1, 1\); set lora_rank"):
-                net.load_state_dict(sd)
+        expected = (r"lora_unet_down_blocks_0_attentions_0_proj_in\.lora_down\.weight has shape \(2, 32, 1, 1\) but "
+                    r"the network expects \(4, 32, 1, 1\); set lora_rank")
+        with Network(tiny_sd1, NetworkSpec(rank=4)) as net, pytest.raises(LoraFileError, match=expected):
+            net.load_state_dict(sd)
+
+
+class TestSpecFromConfig:
+    def test_network_spec_reads_every_network_field(self):
+        config = TrainConfig(network_type="locon", lora_rank=16, lora_alpha=8, lora_dropout=0.1, conv_rank=4,
+                             conv_alpha=2, target_modules=["to_q", "to_v"], train_text_encoder=True)
+        assert network_spec(config) == NetworkSpec("locon", rank=16, alpha=8.0, dropout=0.1, conv_rank=4,
+                                                   conv_alpha=2, target_modules=("to_q", "to_v"),
+                                                   train_text_encoder=True)
+
+    def test_default_rank_is_the_config_default(self):
+        """One definition of the default rank: TrainConfig's field; NetworkSpec, RunShape and `loraloop plan` use it."""
+        import argparse
+
+        from loraloop.cli.plan import add_plan_parser
+        from loraloop.trainer.memory import RunShape
+
+        rank = field_default("lora_rank")
+        assert NetworkSpec().rank == rank and NetworkSpec().alpha == float(rank)
+        assert network_spec(TrainConfig()) == NetworkSpec()
+        assert RunShape("sd1", (512, 512)).lora_rank == rank
+        parser = argparse.ArgumentParser()
+        add_plan_parser(parser.add_subparsers(dest="command"))
+        assert parser.parse_args(["plan", "--family", "sd1"]).rank == rank

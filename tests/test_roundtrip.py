@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from test_loop import batches_for, config_for
 
 from loraloop.trainer.lorafile import load_lora, save_lora
 from loraloop.trainer.network import Network
-from test_loop import batches_for, config_for
 
 # fp16 storage rounds each adapter weight to 11 bits; on these tiny models that moves outputs by ~1e-4 at most.
 FP16_TOL = 1e-3
@@ -35,7 +35,7 @@ def test_engine_lora_loads_in_diffusers(request, demo_dataset, tmp_path, bundle_
                         network_type="locon", conv_rank=2, conv_alpha=1, save_precision=save_precision)
     result = train(bundle, batches_for(bundle, config), config)
     path = save_lora(tmp_path / "lora.safetensors", result.state_dict, result.metadata)
-    tensors, metadata = load_lora(path)
+    _tensors, metadata = load_lora(path)
     assert metadata["ss_base_model_version"] == bundle.family.ss_base_model_version
     assert metadata["ss_network_module"] == "networks.lora"
 

@@ -8,11 +8,12 @@ import textwrap
 import pytest
 import torch
 from safetensors import safe_open
+from test_loop import StopAfter, config_for
 
 from loraloop.trainer.errors import TrainingInterrupted
 from loraloop.trainer.progress import NullSink
 from loraloop.trainer.runner import run
-from test_loop import StopAfter, config_for
+
 
 class Previews(NullSink):
     def __init__(self):
@@ -44,8 +45,54 @@ def test_cancel_saves_what_was_trained(tiny_sd1, demo_dataset, tmp_path):
     config = config_for(demo_dataset, max_train_steps=10, output_dir=str(tmp_path), output_name="c")
     with pytest.raises(TrainingInterrupted):
         run(config, StopAfter(3), bundle=tiny_sd1)
-    saved = tmp_path / "c-interrupted-step000003.safetensors"
+    saved = tmp_path / "c-cancelled-step000003.safetensors"
     assert saved.is_file() and not (tmp_path / "c.safetensors").exists()
+
+class HostInterrupt(BaseException):
+    """Stands in for ComfyUI 0.33's InterruptProcessingException (a BaseException raised inside an op's forward)."""
+
+
+class HostCancelSink(NullSink):
+    interrupt_errors = (HostInterrupt,)
+
+
+def test_host_interrupt_inside_a_forward_saves_the_last_completed_step(tiny_sd1, demo_dataset, tmp_path):
+    config = config_for(demo_dataset, max_train_steps=10, accumulation_steps=1, gradient_checkpointing=False,
+                        output_dir=str(tmp_path), output_name="h")
+    calls = []
+
+    def interrupt_third_forward(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise HostInterrupt
+
+    handle = tiny_sd1.unet.register_forward_pre_hook(interrupt_third_forward)
+    try:
+        with pytest.raises(TrainingInterrupted) as info:
+            run(config, HostCancelSink(), bundle=tiny_sd1, samples=False)
+    finally:
+        handle.remove()
+    assert isinstance(info.value.__cause__, HostInterrupt) and info.value.step == 2
+    saved = tmp_path / "h-cancelled-step000002.safetensors"
+    assert info.value.saved == saved and not (tmp_path / "h.safetensors").exists()
+    with safe_open(str(saved), "pt") as fh:
+        assert fh.metadata()["ss_steps"] == "2"
+
+
+def test_an_interrupt_the_sink_does_not_claim_is_not_a_cancel(tiny_sd1, demo_dataset, tmp_path):
+    config = config_for(demo_dataset, max_train_steps=4, output_dir=str(tmp_path), output_name="x")
+
+    def interrupt(module, args):
+        raise HostInterrupt
+
+    handle = tiny_sd1.unet.register_forward_pre_hook(interrupt)
+    try:
+        with pytest.raises(HostInterrupt):
+            run(config, NullSink(), bundle=tiny_sd1, samples=False)
+    finally:
+        handle.remove()
+    assert not list(tmp_path.glob("*.safetensors"))
+
 
 def test_resume_from_cli_continues(demo_dataset, tmp_path):
     """`loraloop train --resume` continues a run's saved state to a longer schedule."""
@@ -114,7 +161,7 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_advice(demo_dataset, tm
     config = config_for(demo_dataset, base_model=str(tmp_path / "never-loaded.safetensors"), family="sdxl",
                         vram_budget_gb=2.0, resolution=1024, min_bucket_reso=32, max_bucket_reso=2048,
                         bucket_reso_steps=32, output_dir=str(tmp_path / "out"))
-    with pytest.raises(ConfigError, match="does not fit in the free accelerator memory.*needs"):
+    with pytest.raises(ConfigError, match=r"does not fit in the free accelerator memory.*needs"):
         run(config)
     assert not (tmp_path / "out").exists()
 

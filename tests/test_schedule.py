@@ -7,8 +7,14 @@ import torch
 
 from loraloop.trainer.errors import ConfigError, MissingDependencyError
 from loraloop.trainer.optim import available, build_optimizer
-from loraloop.trainer.schedule import (add_noise, lr_factor, min_snr_weight, scaled_linear_alphas_cumprod, snr,
-                                       target_for)
+from loraloop.trainer.schedule import (
+    add_noise,
+    lr_factor,
+    min_snr_weight,
+    scaled_linear_alphas_cumprod,
+    snr,
+    target_for,
+)
 
 AC = scaled_linear_alphas_cumprod()
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_loop import StopAfter, batches_for, config_for
 
 from loraloop.trainer.config import TrainConfig
 from loraloop.trainer.errors import TrainingInterrupted
 from loraloop.trainer.loop import train
 from loraloop.trainer.state import TrainState
-from test_loop import StopAfter, batches_for, config_for
 
 
 class NoAdapters:

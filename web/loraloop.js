@@ -1,5 +1,5 @@
 // LoRA Loop front-end: a live loss chart inside the TrainLoRA node, and text results (dataset summary, captions)
-// shown on the nodes that produce them. Fed by the server's "loraloop.loss" events (loraloop/comfy/sink.py).
+// shown on the nodes that produce them. Fed by the server's "loraloop.loss" events (nodes/sink.py).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 

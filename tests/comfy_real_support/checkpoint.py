@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "loraloop" / "trainer" / "model_configs" / "sd1"
+CONFIGS = REPO / "trainer" / "model_configs" / "sd1"
 FORMAT_VERSION = 1  # bump when the way the file is built changes
 
 

@@ -134,14 +134,14 @@ class ComfyServer:
 
     # -- HTTP ------------------------------------------------------------------------------------------------------
     def get(self, path: str, timeout: float = 60) -> object:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read().decode())
 
     def post(self, path: str, data: dict, timeout: float = 60) -> object:
-        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),  # noqa: S310
+        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 body = r.read().decode()
         except urllib.error.HTTPError as err:
             raise ComfyError(f"POST {path} refused ({err.code}): {err.read().decode()}") from None

@@ -90,7 +90,7 @@ def to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
         for inp in node.get("inputs", []):
             if inp.get("link") is None:
                 continue
-            _, src, src_slot, _dst, _dst_slot, _kind_ = links[inp["link"]]
+            _, src, src_slot, _dst, _dst_slot, _kind = links[inp["link"]]
             inputs[inp["name"]] = [str(src), src_slot]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt

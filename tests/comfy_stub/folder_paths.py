@@ -33,7 +33,7 @@ def get_folder_paths(folder_name):
 
 
 def add_model_folder_path(folder_name, full_folder_path, is_default=False):
-    paths, exts = folder_names_and_paths.setdefault(folder_name, ([], set()))
+    paths, _exts = folder_names_and_paths.setdefault(folder_name, ([], set()))
     paths.insert(0, full_folder_path) if is_default else paths.append(full_folder_path)
 
 

@@ -15,7 +15,7 @@ import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 import server  # noqa: E402
 
-DEMO = STUB.parent.parent / "loraloop" / "demo" / "dataset"
+DEMO = STUB.parent.parent / "cli" / "demo" / "dataset"
 FAST = {"resolution": 64, "enable_bucket": False, "min_bucket_reso": 64, "max_bucket_reso": 64, "max_train_steps": 3, "learning_rate": 1e-3,
         "mixed_precision": "auto", "gradient_checkpointing": False, "lr_scheduler": "constant"}
 
@@ -36,9 +36,9 @@ def setup_host(tmp_path: Path, dataset: str | None = "style") -> Path:
     return base
 
 
-def run_node(node: type, unique_id: str = "7", **inputs):
+def run_node(node: type, unique_id: str = "7", prompt: dict | None = None, **inputs):
     """Execute like execution.py: a class clone with the hidden values, the whole call under inference mode."""
-    clone = node.PREPARE_CLASS_CLONE({"unique_id": unique_id})
+    clone = node.PREPARE_CLASS_CLONE({"unique_id": unique_id, "prompt": prompt})
     with torch.inference_mode():
         return clone.execute(**inputs)
 

@@ -2,12 +2,11 @@
 
 import functools
 
-import torch
-
 import comfy.model_base
 import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models
+import torch
 
 TE_WIDTH = 32
 TINY_UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=2,

@@ -50,10 +50,7 @@ def _available_ram():
 
 
 def get_free_memory(dev=None, torch_free_too=False):
-    if FREE_MEMORY is not None:
-        free = FREE_MEMORY
-    else:
-        free = _available_ram()
+    free = FREE_MEMORY if FREE_MEMORY is not None else _available_ram()
     return (free, free) if torch_free_too else free
 
 

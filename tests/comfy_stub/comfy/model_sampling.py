@@ -23,7 +23,7 @@ class EPS:
         return noise * sigma + latent_image
 
 
-class V_PREDICTION(EPS):  # noqa: N801 - upstream name
+class V_PREDICTION(EPS):
     def calculate_denoised(self, sigma, model_output, model_input):
         sigma = reshape_sigma(sigma, model_output.ndim)
         sd = self.sigma_data

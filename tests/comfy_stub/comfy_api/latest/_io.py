@@ -12,7 +12,7 @@ def prune_dict(d):
 class Input:
     Parent = None
 
-    def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, extra_dict=None,  # noqa: A002
+    def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, extra_dict=None,
                  raw_link=None, advanced=None):
         self.id, self.display_name, self.optional, self.tooltip, self.lazy = id, display_name, optional, tooltip, lazy
         self.extra_dict = extra_dict or {}
@@ -33,7 +33,7 @@ class Input:
 
 
 class WidgetInput(Input):
-    def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, default=None,  # noqa: A002
+    def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, default=None,
                  socketless=None, widget_type=None, force_input=None, extra_dict=None, raw_link=None, advanced=None):
         super().__init__(id, display_name, optional, tooltip, lazy, extra_dict)
         self.default, self.socketless, self.widget_type, self.force_input = default, socketless, widget_type, force_input
@@ -46,7 +46,7 @@ class WidgetInput(Input):
 class Output:
     Parent = None
 
-    def __init__(self, id=None, display_name=None, tooltip=None, is_output_list=False):  # noqa: A002
+    def __init__(self, id=None, display_name=None, tooltip=None, is_output_list=False):
         self.id, self.display_name, self.tooltip, self.is_output_list = id, display_name if display_name else id, tooltip, is_output_list
 
     @property
@@ -76,7 +76,7 @@ class ComfyTypeIO:
     Output = Output
 
 
-def Custom(io_type):  # noqa: N802
+def Custom(io_type):
     @comfytype(io_type)
     class CustomComfyType(ComfyTypeIO):
         pass
@@ -87,7 +87,7 @@ def Custom(io_type):  # noqa: N802
 @comfytype("BOOLEAN")
 class Boolean(ComfyTypeIO):
     class Input(WidgetInput):
-        def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, default=None,  # noqa: A002
+        def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, default=None,
                      label_on=None, label_off=None, socketless=None, force_input=None, extra_dict=None, raw_link=None,
                      advanced=None):
             super().__init__(id, display_name, optional, tooltip, lazy, default, socketless, None, force_input, extra_dict)
@@ -100,8 +100,8 @@ class Boolean(ComfyTypeIO):
 @comfytype("INT")
 class Int(ComfyTypeIO):
     class Input(WidgetInput):
-        def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, default=None, min=None,  # noqa: A002
-                     max=None, step=None, control_after_generate=None, display_mode=None, socketless=None,  # noqa: A002
+        def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, default=None, min=None,
+                     max=None, step=None, control_after_generate=None, display_mode=None, socketless=None,
                      force_input=None, extra_dict=None, raw_link=None, advanced=None):
             super().__init__(id, display_name, optional, tooltip, lazy, default, socketless, None, force_input, extra_dict)
             self.min, self.max, self.step, self.control_after_generate = min, max, step, control_after_generate
@@ -114,8 +114,8 @@ class Int(ComfyTypeIO):
 @comfytype("FLOAT")
 class Float(ComfyTypeIO):
     class Input(WidgetInput):
-        def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, default=None, min=None,  # noqa: A002
-                     max=None, step=None, round=None, display_mode=None, socketless=None, force_input=None,  # noqa: A002
+        def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, default=None, min=None,
+                     max=None, step=None, round=None, display_mode=None, socketless=None, force_input=None,
                      extra_dict=None, raw_link=None, advanced=None):
             super().__init__(id, display_name, optional, tooltip, lazy, default, socketless, None, force_input, extra_dict)
             self.min, self.max, self.step, self.round = min, max, step, round
@@ -128,7 +128,7 @@ class Float(ComfyTypeIO):
 @comfytype("STRING")
 class String(ComfyTypeIO):
     class Input(WidgetInput):
-        def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, multiline=False,  # noqa: A002
+        def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, multiline=False,
                      placeholder=None, default=None, dynamic_prompts=None, socketless=None, force_input=None,
                      extra_dict=None, raw_link=None, advanced=None):
             super().__init__(id, display_name, optional, tooltip, lazy, default, socketless, None, force_input, extra_dict)
@@ -142,7 +142,7 @@ class String(ComfyTypeIO):
 @comfytype("COMBO")
 class Combo(ComfyTypeIO):
     class Input(WidgetInput):
-        def __init__(self, id, options=None, display_name=None, optional=False, tooltip=None, lazy=None,  # noqa: A002
+        def __init__(self, id, options=None, display_name=None, optional=False, tooltip=None, lazy=None,
                      default=None, control_after_generate=None, upload=None, image_folder=None, remote=None,
                      socketless=None, extra_dict=None, raw_link=None, advanced=None):
             super().__init__(id, display_name, optional, tooltip, lazy, default, socketless, None, None, extra_dict)
@@ -255,13 +255,13 @@ class ComfyNode:
         raise NotImplementedError
 
     @classmethod
-    def GET_SCHEMA(cls):  # noqa: N802
+    def GET_SCHEMA(cls):
         schema = cls.define_schema()
         schema.finalize()
         schema.validate()
         return schema
 
     @classmethod
-    def PREPARE_CLASS_CLONE(cls, hidden_inputs):  # noqa: N802
+    def PREPARE_CLASS_CLONE(cls, hidden_inputs):
         """Upstream clones the class per execution and sets `hidden` on the clone (execution.py)."""
         return type(cls.__name__, (cls,), {"hidden": HiddenHolder(hidden_inputs)})

@@ -18,7 +18,7 @@ def wrap_attn(func):
         remove = False
         try:
             if "_inside_attn_wrapper" not in kwargs:
-                options = kwargs.get("transformer_options", None)
+                options = kwargs.get("transformer_options")
                 remove = True
                 kwargs["_inside_attn_wrapper"] = True
                 if options is not None and "optimized_attention_override" in options:

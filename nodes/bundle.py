@@ -1,0 +1,376 @@
+"""The ComfyUI host bundle: the engine's `ModelBundle` over the MODEL/CLIP/VAE a workflow already loaded.
+
+Three ComfyUI facts shape it (docs/hosts.md §3):
+* `BaseModel.apply_model(x, sigma, …)` works in the variance-exploding form x = x0 + σ·n and returns the x0
+  prediction, while the engine works in the DDPM form with integer timesteps and wants ε (or v). `predict` converts:
+  x_ve = x_t/√ᾱ, σ = √((1-ᾱ)/ᾱ), ε = (x_ve - x0̂)/σ, v = √ᾱ·ε - √(1-ᾱ)·x0̂; ᾱ = 1/(1+σ²) comes from the model's own
+  `model_sampling.sigmas`, so schedule patches (ModelSamplingDiscrete, zsnr) apply.
+* The whole prompt runs under `torch.inference_mode()`, so the loaded weights are inference tensors, which autograd
+  refuses to save for backward. `trainable_weights` re-wraps each such parameter's storage as a normal tensor for the
+  run (no copy: same memory) and puts the original Parameter objects back afterwards.
+* VAEEncode latents are unscaled: `process_latent_in` scales them; SDXL needs `y` from `encode_adm`.
+
+The CLIP's text models are `cond_stage_model.clip_<l|h|g>.transformer` with Hugging Face module names
+(`text_model.encoder.layers.N.self_attn.q_proj`), so kohya's `lora_te_`/`lora_te1_`/`lora_te2_` names follow directly.
+With `train_text_encoder` the captions are encoded through the CLIP at every step with autograd on; otherwise once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..trainer.bundle import Conditioning, SizeInfo, TextEncoderSlot
+from ..trainer.errors import ConfigError, UnsupportedModelError
+from ..trainer.families import Family, get_family
+from ..trainer.naming import UNetLayout, ldm_unet_lora_name, unet_targets
+
+log = logging.getLogger(__name__)
+
+# ComfyUI model-config class name (comfy/supported_models.py) → our family.
+SUPPORTED_CONFIGS = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}
+SUPPORTED_TEXT = "SD 1.x (SD15), SD 2.x incl. 768-v (SD20) and SDXL base (SDXL)"
+TOKENS_PER_CHUNK = 77
+MAX_CONTEXT_CHUNKS = 12  # lcm of the chunk counts of all captions; 1-4 chunks give at most 12
+
+
+def _mro_names(obj: object) -> set[str]:
+    return {cls.__name__ for cls in type(obj).__mro__}
+
+
+def prediction_type_of(model_sampling: object) -> str:
+    """`epsilon` or `v_prediction` from a ComfyUI model_sampling object (V_PREDICTION subclasses EPS: test it first)."""
+    names = _mro_names(model_sampling)
+    if not hasattr(model_sampling, "sigmas"):
+        msg = (f"model sampling {type(model_sampling).__name__} has no discrete sigma schedule; "
+               "LoRA Loop trains DDPM-style models only")
+        raise UnsupportedModelError(msg)
+    if "EDM" in names or "CONST" in names:
+        raise UnsupportedModelError(f"model sampling {sorted(names & {'EDM', 'CONST'})} is not supported")
+    if "V_PREDICTION" in names:
+        return "v_prediction"
+    if "EPS" in names:
+        return "epsilon"
+    raise UnsupportedModelError(f"unknown prediction type of {type(model_sampling).__name__}")
+
+
+def detect_family(patcher: object) -> tuple[Family, str]:
+    """(family, prediction type) of a ComfyUI MODEL; anything but SD1/SD2/SDXL raises naming what it is."""
+    base = patcher.model  # type: ignore[attr-defined]
+    config_name = type(getattr(base, "model_config", None)).__name__
+    key = SUPPORTED_CONFIGS.get(config_name)
+    if key is None:
+        msg = (f"this MODEL is {config_name} ({type(base).__name__}); "
+               f"LoRA Loop can train {SUPPORTED_TEXT} inside ComfyUI")
+        raise UnsupportedModelError(msg)
+    if getattr(base, "concat_keys", ()):
+        msg = (f"inpainting/instruct models ({config_name} with extra input channels {list(base.concat_keys)}) "
+               "are not supported")
+        raise UnsupportedModelError(msg)
+    prediction = prediction_type_of(patcher.get_model_object("model_sampling"))  # type: ignore[attr-defined]
+    if key == "sd2" and prediction == "v_prediction":
+        key = "sd2-v"
+    return get_family(key), prediction
+
+
+def _normal_view(t: torch.Tensor) -> torch.Tensor:
+    """A normal (non-inference) tensor over the same storage as `t`: no copy, no new memory."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(),
+                                                               t.stride())
+
+
+def _needs_view(t: torch.Tensor | None) -> bool:
+    if t is None or type(t) not in (torch.Tensor, nn.Parameter) or t.is_meta:
+        return False  # quantized/lazy weight classes are cast to fresh tensors by comfy.ops on every forward
+    return t.is_inference()
+
+
+@contextlib.contextmanager
+def trainable_weights(root: nn.Module) -> Iterator[int]:
+    """Make every inference-tensor parameter/buffer of `root` usable by autograd for the duration, without copying.
+
+    Each one is replaced by a frozen Parameter (or plain buffer) viewing the same storage; on exit the original objects
+    are put back, so the module is bit-identical and identical in identity afterwards. Must run with inference mode off.
+    Yields how many tensors were re-wrapped.
+    """
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    try:
+        for module in root.modules():
+            for table in (module._parameters, module._buffers):
+                for name, tensor in list(table.items()):
+                    if not _needs_view(tensor):
+                        continue
+                    view = _normal_view(tensor)
+                    table[name] = nn.Parameter(view, requires_grad=False) if isinstance(tensor, nn.Parameter) else view
+                    swapped.append((table, name, tensor))
+        yield len(swapped)
+    finally:
+        for table, name, original in reversed(swapped):
+            table[name] = original
+
+
+def training_attention() -> object | None:
+    """An `optimized_attention_override` that runs ComfyUI's PyTorch SDPA attention, or None where unavailable.
+
+    ComfyUI picks one attention function at start-up for sampling: sub-quadratic chunks on CPU, sage/xformers/flash
+    when installed. Sage and some flash builds have no backward pass, and sub-quadratic attention backpropagates through
+    many small chunks (a full SD1.5 UNet step at 256 px on CPU: 4.3 s vs 3.9 s with SDPA). `transformer_options
+    ["optimized_attention_override"]` (ComfyUI 0.3.6x+) lets one call use another function: training uses SDPA, which
+    has a fused backward on every device, while sampling keeps the user's choice. Older ComfyUI ignores the key.
+    """
+    try:
+        from comfy.ldm.modules import attention
+    except ImportError:
+        return None
+    sdpa = getattr(attention, "attention_pytorch", None)
+    if sdpa is None or not hasattr(attention, "wrap_attn"):
+        return None
+
+    def override(_default: object, *args: object, **kwargs: object) -> torch.Tensor:
+        return sdpa(*args, **kwargs)  # kwargs carry `_inside_attn_wrapper`: no second override
+
+    return override
+
+
+def _clone_input(_module: nn.Module, args: tuple) -> tuple | None:
+    if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
+        return None
+    return (args[0].clone(), *args[1:])
+
+
+@contextlib.contextmanager
+def autograd_safe_residuals(roots: list[nn.Module]) -> Iterator[int]:
+    """Let autograd run through ComfyUI's CLIP, whose layers update the residual stream in place
+    (`x += self.self_attn(self.layer_norm1(x))`, comfy/clip_model.py): each LayerNorm gets a private copy of its input,
+    which is what backward needs, so the in-place add no longer invalidates it ("modified by an inplace operation").
+
+    Only norm layers are hooked (two per transformer layer, one [tokens, width] copy each); the hooks are removed on
+    exit. Yields how many were added.
+    """
+    handles = []
+    try:
+        for root in roots:
+            for module in root.modules():
+                if isinstance(module, nn.LayerNorm | nn.GroupNorm):
+                    handles.append(module.register_forward_pre_hook(_clone_input))
+        yield len(handles)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ComfyUI CLIP slot → kohya prefix, per family: SD1 has clip_l, SD2 clip_h, SDXL clip_l (te1) and clip_g (te2).
+CLIP_SLOTS = {"sd1": (("clip_l", "lora_te"),), "sd2": (("clip_h", "lora_te"),), "sd2-v": (("clip_h", "lora_te"),),
+              "sdxl": (("clip_l", "lora_te1"), ("clip_g", "lora_te2"))}
+
+
+def text_encoder_slots(clip: object, family: Family) -> list[TextEncoderSlot]:
+    """The CLIP's text models as engine slots (for text-encoder LoRA training)."""
+    model = getattr(clip, "cond_stage_model", None)
+    slots = []
+    expected = CLIP_SLOTS[family.name]
+    for attr, prefix in expected:
+        transformer = getattr(getattr(model, attr, None), "transformer", None)
+        if isinstance(transformer, nn.Module):
+            slots.append(TextEncoderSlot(transformer, prefix))
+    if len(slots) != len(expected):
+        found = sorted(n for n, _ in model.named_children()) if isinstance(model, nn.Module) else type(model).__name__
+        msg = (f"cannot train the text encoder of this CLIP ({found}); a {family.name} CLIP has "
+               f"{' and '.join(a for a, _ in expected)}; set train_text_encoder off to train the UNet only")
+        raise UnsupportedModelError(msg)
+    return slots
+
+
+def _lcm(values: list[int]) -> int:
+    out = 1
+    for v in values:
+        out = out * v // math.gcd(out, v)
+    return out
+
+
+class ComfyBundle:
+    """`ModelBundle` over a ComfyUI MODEL (ModelPatcher), CLIP and VAE.
+
+    Args:
+        model: the MODEL input (trained in place through the engine's adapters, restored afterwards).
+        clip: the CLIP input (encodes captions; its text models get adapters when the text encoder trains).
+        vae: the VAE input (encodes images; frozen); may be None when latents are never encoded.
+        name: written as `ss_sd_model_name`.
+    """
+
+    def __init__(self, model: object, clip: object, vae: object, name: str = "ComfyUI model") -> None:
+        self.patcher = model
+        self.clip = clip
+        self.vae = vae
+        self.family, self._prediction_type = detect_family(model)
+        self.base_model = model.model  # type: ignore[attr-defined]
+        self.unet: nn.Module = self.base_model.diffusion_model
+        self.text_encoders: list[TextEncoderSlot] = []
+        sigmas = model.get_model_object("model_sampling").sigmas  # type: ignore[attr-defined]
+        self.sigmas = sigmas.detach().float().cpu().clone()  # a normal tensor, even if read under inference mode
+        self.alphas_cumprod = (1.0 / (1.0 + self.sigmas.double() ** 2)).float()
+        self.layout = UNetLayout.from_ldm_module(self.unet)
+        self.name = name
+        self.context_tokens: int | None = None  # every context is repeated to this length (see `set_caption_lengths`)
+        self.preview_decode = False  # True while training: decode previews without loading the VAE
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.live_text = False  # True while the text encoder trains: encode through the (adapted) CLIP every time
+        self.clip_resident = False  # True while TrainLoRA holds the CLIP loaded for training (see `_encode_tokens`)
+        self.vae_resident = False  # … and the VAE, when images are encoded every step (`cache_latents: false`)
+        self._attention_override = training_attention()
+
+    @property
+    def prediction_type(self) -> str:
+        return self._prediction_type
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.patcher.load_device)  # type: ignore[attr-defined]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patcher.model_dtype()  # type: ignore[attr-defined]
+
+    # -- images ---------------------------------------------------------------------------------------------------
+    # The VAE and CLIP are frozen and their weights are inference tensors with requires_grad=True (ComfyUI 0.12.3):
+    # with autograd on (training runs outside inference mode), a layer that uses such a weight without a dtype cast
+    # fails with "Inference tensors cannot be saved for backward". Nothing needs gradients through them: no_grad.
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        images = ((pixels.float() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)  # ComfyUI IMAGE: [B,H,W,C] in [0,1]
+        vae = self.vae
+        if self.vae_resident and all(hasattr(vae, n) for n in ("first_stage_model", "process_input", "vae_dtype")):
+            # VAE.encode without its load_models_gpu (see `_encode_tokens`): TrainLoRA loaded the VAE for training.
+            x = vae.process_input(images.movedim(-1, 1)).to(vae.vae_dtype).to(vae.device)  # type: ignore[attr-defined]
+            raw = vae.first_stage_model.encode(x)  # type: ignore[attr-defined]
+        else:
+            raw = vae.encode(images)  # type: ignore[attr-defined]
+        return self.base_model.process_latent_in(raw.float()).to(self.device)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.preview_decode:
+            return self._rgb_preview(latents)
+        images = self.vae.decode(self.base_model.process_latent_out(latents.float()))  # type: ignore[attr-defined]
+        return images.float().movedim(-1, 1) * 2.0 - 1.0
+
+    def _rgb_preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's latent→RGB approximation (latent_format.latent_rgb_factors): no VAE load mid-training."""
+        fmt = self.base_model.latent_format
+        factors = getattr(fmt, "latent_rgb_factors", None)
+        if factors is None:
+            rgb = latents[:, :3]
+        else:
+            weight = torch.tensor(factors, dtype=torch.float32, device=latents.device)
+            rgb = torch.einsum("bchw,cr->brhw", latents.float(), weight)
+            bias = getattr(fmt, "latent_rgb_factors_bias", None)
+            if bias is not None:
+                rgb = rgb + torch.tensor(bias, dtype=torch.float32, device=latents.device).view(1, -1, 1, 1)
+        return torch.nn.functional.interpolate(rgb.clamp(-1, 1), scale_factor=8, mode="nearest")
+
+    # -- text -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_one(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if caption not in self._text_cache:
+            context, pooled = self._encode_tokens(caption)
+            pooled = pooled.detach().float().cpu().clone() if pooled is not None else None
+            self._text_cache[caption] = (context.detach().float().cpu().clone(), pooled)
+        return self._text_cache[caption]
+
+    def _encode_live(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Through the CLIP as it is now (adapters included), with autograd as the caller has it."""
+        context, pooled = self._encode_tokens(caption)
+        return context.float(), pooled.float() if pooled is not None else None
+
+    def _encode_tokens(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context, pooled or None) of one caption.
+
+        While `clip_resident` (TrainLoRA loaded the CLIP beside the UNet for training) this is `CLIP.encode_from_tokens`
+        without its `load_model()`: a model-management call mid-training could unload part of the UNet, to make room
+        for inference memory, while its weights are re-wrapped for autograd. Otherwise (and on a ComfyUI without these
+        methods) it is the public call, which loads the CLIP as ComfyUI likes.
+        """
+        tokens = self.clip.tokenize(caption)  # type: ignore[attr-defined]
+        model = self.clip.cond_stage_model  # type: ignore[attr-defined]
+        direct = ("reset_clip_options", "set_clip_options", "encode_token_weights")
+        if self.clip_resident and all(hasattr(model, n) for n in direct):
+            model.reset_clip_options()
+            if getattr(self.clip, "layer_idx", None) is not None:
+                model.set_clip_options({"layer": self.clip.layer_idx})  # type: ignore[attr-defined]
+            model.set_clip_options({"execution_device": self.clip.patcher.load_device})  # type: ignore[attr-defined]
+            context, pooled = model.encode_token_weights(tokens)[:2]
+        else:
+            context, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)  # type: ignore[attr-defined]
+        return context, pooled if self.family.is_sdxl else None
+
+    def train_text_encoders(self) -> None:
+        """Expose the CLIP's text models to the engine and encode captions live from now on."""
+        self.text_encoders = text_encoder_slots(self.clip, self.family)
+        self.live_text = True
+
+    def set_caption_lengths(self, captions: list[str]) -> None:
+        """Fix the context length for a run: captions longer than 75 tokens give 154/231… tokens; like ComfyUI's own
+        conditioning batching, shorter contexts are repeated to a common multiple (attention is unchanged by that)."""
+        chunks = {self._encode_one(c)[0].shape[1] // TOKENS_PER_CHUNK for c in set(captions)}
+        common = _lcm(sorted(chunks)) if chunks else 1
+        if common > MAX_CONTEXT_CHUNKS:
+            msg = (f"captions of {sorted(chunks)} x 75 tokens cannot share one context length "
+                   f"(it would be {common} x 77 tokens); shorten the longest captions")
+            raise ConfigError(msg, key="captions")
+        self.context_tokens = common * TOKENS_PER_CHUNK if chunks else None
+
+    def cache_text(self, captions: list[str]) -> None:
+        """Encode `captions` now (before the UNet is loaded), so training never has to load the CLIP."""
+        for caption in captions:
+            self._encode_one(caption)
+
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        pairs = [self._encode_live(c) if self.live_text else self._encode_one(c) for c in captions]
+        lengths = [ctx.shape[1] for ctx, _ in pairs]
+        target = _lcm([*lengths, self.context_tokens or lengths[0]])
+        contexts = [ctx.repeat(1, target // ctx.shape[1], 1) for ctx, _ in pairs]
+        pooled = torch.cat([p for _, p in pairs]).to(self.device) if self.family.is_sdxl else None
+        return Conditioning(torch.cat(contexts).to(self.device), pooled)
+
+    # -- denoiser -------------------------------------------------------------------------------------------------
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                sizes: list[SizeInfo] | None = None) -> torch.Tensor:
+        device = noisy.device
+        a = self.alphas_cumprod.to(device)[timesteps].view(-1, 1, 1, 1)
+        sigma = self.sigmas.to(device)[timesteps]
+        x_ve = noisy.float() / a.sqrt()
+        extra = {}
+        if self.family.is_sdxl:
+            extra["y"] = self._adm(cond.pooled, sizes, noisy)
+        options = {"optimized_attention_override": self._attention_override} if self._attention_override else {}
+        x0 = self.base_model.apply_model(x_ve, sigma, c_crossattn=cond.context, transformer_options=options, **extra)
+        eps = (x_ve - x0.float()) / sigma.view(-1, 1, 1, 1)
+        if self.prediction_type == "v_prediction":
+            return a.sqrt() * eps - (1 - a).sqrt() * x0.float()
+        return eps
+
+    def _adm(self, pooled: torch.Tensor | None, sizes: list[SizeInfo] | None, noisy: torch.Tensor) -> torch.Tensor:
+        if pooled is None:
+            raise UnsupportedModelError("SDXL conditioning without a pooled text embedding; is the CLIP an SDXL CLIP?")
+        h, w = noisy.shape[-2] * 8, noisy.shape[-1] * 8
+        infos = sizes or [SizeInfo((h, w), (0, 0), (h, w))] * noisy.shape[0]
+        rows = []
+        for i, info in enumerate(infos):
+            target = info.target or info.original
+            rows.append(self.base_model.encode_adm(
+                pooled_output=pooled[i : i + 1], height=info.original[0], width=info.original[1],
+                crop_h=info.crop_top_left[0], crop_w=info.crop_top_left[1], target_height=target[0],
+                target_width=target[1]))
+        return torch.cat(rows).to(noisy.device)
+
+    # -- naming ---------------------------------------------------------------------------------------------------
+    def unet_lora_name(self, module_path: str) -> str:
+        return ldm_unet_lora_name(self.family.unet_names, self.layout, module_path)
+
+    def unet_targets(self, conv: bool) -> dict[str, str]:
+        return unet_targets(self.unet, conv)

@@ -1,0 +1,1 @@
+"""What a run costs: traced steps, fitted profiles, peak memory and step time, measured peaks, devices."""

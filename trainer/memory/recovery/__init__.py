@@ -1,0 +1,1 @@
+"""At run time: the OOM ladder (`ladder`), the levers it pulls (`levers`) and spill detection (`spill`)."""
