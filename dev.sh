@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh clone: sets up ./.venv (a CPU torch only when none is installed), then runs
-#   ./dev.sh demo [args]   the demo: trains the tiny built-in model on the bundled dataset (CPU, about a minute)
+#   ./dev.sh demo [args]   the demo: teaches the built-in demo model a new concept, shows it (CPU, about a minute)
 #   ./dev.sh test [args]   the test suite (pytest; extra args go to pytest)
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -123,6 +123,43 @@ class TabActions:
             lines.append(f"{len(skipped)} not written: {skipped[0].reason}")
         return "\n".join(lines)
 
+    def caption_with(self, *args: Any) -> tuple[str, str]:
+        """(proposals, status): the chosen interrogator's captions for the images without one (all with overwrite),
+        with the caption edit applied. Runs in the webui's GPU queue; writes nothing (see `write_proposed`)."""
+        *edit_args, interrogator, overwrite = args
+        *field_args, prefix, suffix, find, replace, regex, add_trigger = edit_args
+        choice = captions.INTERROGATORS.get(interrogator, interrogator)
+        if choice not in webui.INTERROGATORS:
+            return "", f"ERROR: choose what to caption with: {', '.join(captions.INTERROGATORS)}"
+        try:
+            from ..trainer.batches import dataset_options
+
+            options = dataset_options(widgets.dataset_config(self.values(tuple(field_args))))
+            edit = captions.CaptionEdit(prefix or "", suffix or "", find or "", replace or "", bool(regex),
+                                        bool(add_trigger))
+            with webui.gpu_queue():
+                run = captions.propose_captions(options, edit, webui.INTERROGATORS[choice], overwrite=bool(overwrite),
+                                                stopped=lambda: bool(webui.state().interrupted))
+        except LoraLoopError as err:
+            return "", f"ERROR: {err}"
+        return run.text(), run.status()
+
+    def write_proposed(self, *args: Any) -> str:
+        """Write the (edited) proposals as sidecar files: the confirmation step of `caption_with`."""
+        *field_args, proposals, overwrite = args
+        try:
+            from ..trainer.batches import dataset_options
+
+            options = dataset_options(widgets.dataset_config(self.values(tuple(field_args))))
+            root, targets = captions.dataset_targets(options)
+            pairs = captions.parse_proposals(proposals or "", root, targets)
+            if not pairs:
+                return "Nothing to write: caption the images first (or type '<image>: <caption>' lines)."
+            written, notes = captions.write_proposals(pairs, overwrite=bool(overwrite))
+        except LoraLoopError as err:
+            return f"ERROR: {err}"
+        return "\n".join([f"Wrote {len(written)} caption file(s) in {root}.", *notes])
+
     # -- plan -------------------------------------------------------------------------------------------------------
     def plan(self, *args: Any) -> str:
         try:
@@ -203,3 +240,37 @@ class TabActions:
         updates = [values.get(name, UNCHANGED) for name in self.names]
         applied = sum(1 for u in updates if u is not UNCHANGED)
         return updates, "; ".join([f"Imported {applied} setting(s)", *notes])
+
+
+# -- resize ------------------------------------------------------------------------------------------------------------
+# The tab's target choices → trainer.resize target modes.
+RESIZE_TARGETS = {"energy kept (0-1, e.g. 0.95)": "energy", "rank (at most, e.g. 8)": "rank",
+                  "file size (MB, e.g. 20)": "max_mb"}
+
+
+def lora_files() -> list[str]:
+    """The .safetensors LoRAs in the Lora folder (sub-folders too), relative to it: the resize picker's choices."""
+    root = webui.lora_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.safetensors") if p.is_file())
+
+
+def resize_lora(name: str, target: str, value: float | None, output_name: str, overwrite: bool) -> str:
+    """Resize the Lora-folder LoRA `name` into `<output_name>.safetensors` in the Lora folder: the report, or the error.
+    The webui's LoRA list is refreshed, so `<lora:output_name:1>` works at once."""
+    from ..trainer.resize import Target, resize_file
+
+    try:
+        root = webui.lora_dir().resolve()
+        source = (root / (name or "")).resolve()
+        if not name or root not in source.parents or not source.is_file():
+            msg = f"no LoRA {name or ''!r} in {root}: press Refresh list and pick one"
+            raise ConfigError(msg, key="lora", value=name)
+        stem = sanitize_name((output_name or "").strip().removesuffix(".safetensors"), f"{source.stem}_resized")
+        goal = Target(RESIZE_TARGETS.get(target, target), float(value or 0))
+        report = resize_file(source, root / f"{stem}.safetensors", goal, overwrite=bool(overwrite))
+    except LoraLoopError as err:
+        return f"ERROR: {err}"
+    webui.refresh_networks()
+    return report.text()

@@ -41,6 +41,7 @@ from ..trainer.errors import (
     UnsupportedModelError,
 )
 from ..trainer.loop import TrainResult, make_schedule
+from ..trainer.metadata import quick_model_hash
 from ..trainer.plot import loss_curve
 from ..trainer.runner import apply_plan, plan_memory, prepare_batches, sample_grid
 from ..trainer.session import SessionHooks, TrainingSession, find_lora_file
@@ -223,6 +224,7 @@ def run_training(values: dict[str, Any], *, live: LiveStatus = LIVE) -> JobResul
         config, dataset, chunk_size = plan_run(config, dataset, bundle, sink)
         job = JobResult(name=name, config=config, steps=0, total_steps=0, losses=[], weight=settings.preferred_weight)
         session = TrainingSession(bundle, config, dataset, sink, _hooks(bundle, config, settings, lora_dir, job))
+        session.run.model_hash = quick_model_hash(webui.checkpoint_file(bundle.sd_model))
         result, partial, preview = _train(session, settings, job, chunk_size)
         _write(session, settings, lora_dir, job, result, partial, preview)
     except BaseException as err:
@@ -314,7 +316,7 @@ def _train(session: TrainingSession, settings: widgets.TabSettings, job: JobResu
                 sink.status("sampling the preview image")
                 bundle.train_text = spec.train_text_encoder
                 with placements.on_device(bundle.vae):
-                    preview = sample_grid(bundle, [prompt], config, result.state_dict, spec)[0]
+                    preview = sample_grid(bundle, [prompt], config, result.state_dict, session.spec)[0]
     return result, partial, preview
 
 

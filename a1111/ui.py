@@ -12,7 +12,7 @@ import html
 import json
 from typing import Any
 
-from . import actions, forge, webui, widgets
+from . import actions, captions, forge, webui, widgets
 
 TAB_TITLE = "LoRA Loop"
 TAB_ID = "loraloop"
@@ -88,6 +88,21 @@ def build_tab() -> Any:
                 preview_caps = gr.Button("Preview captions", elem_id="loraloop_cap_preview")
                 write_caps = gr.Button("Write caption files", variant="stop", elem_id="loraloop_cap_write")
             caption_out = gr.Textbox(label="Captions", lines=10, interactive=False, elem_id="loraloop_cap_out")
+            gr.Markdown("**Caption with** the webui's own interrogators (img2img's Interrogate CLIP / DeepBooru: same "
+                        "models, same Settings → Interrogate options; the webui loads them, fetching them on first "
+                        "use): images without a caption file get one proposed (all with overwrite), with the edit "
+                        "above applied. Read and edit the proposals, then write them.")
+            with gr.Row():
+                interrogator = gr.Dropdown(label="Caption with", choices=list(captions.INTERROGATORS),
+                                           value=next(iter(captions.INTERROGATORS)),
+                                           elem_id="loraloop_cap_interrogator")
+                overwrite_caps = gr.Checkbox(label="overwrite existing caption files", value=False,
+                                             elem_id="loraloop_cap_overwrite")
+                auto_caps = gr.Button("Caption images", elem_id="loraloop_cap_auto")
+                write_proposed = gr.Button("Write these captions", variant="stop",
+                                           elem_id="loraloop_cap_write_proposed")
+            proposals = gr.Textbox(label="Proposed captions: one '<image>: <caption>' line per image, editable",
+                                   lines=12, interactive=True, elem_id="loraloop_cap_proposals")
 
         gr.Markdown("### 2. Settings")
         for group, title in widgets.groups(fields).items():
@@ -129,6 +144,26 @@ def build_tab() -> Any:
                                    elem_id="loraloop_preview")
                 result = gr.HTML(elem_id="loraloop_result")
 
+        gr.Markdown("### 5. Resize a LoRA")
+        with gr.Accordion("A LoRA of the Lora folder at a new rank per module: by kept energy, rank or file size",
+                          open=False):
+            with gr.Row():
+                resize_source = gr.Dropdown(label="LoRA", choices=actions.lora_files(), elem_id="loraloop_resize_lora")
+                resize_refresh = gr.Button("Refresh list", elem_id="loraloop_resize_refresh")
+                resize_target = gr.Dropdown(label="target", choices=list(actions.RESIZE_TARGETS),
+                                            value=next(iter(actions.RESIZE_TARGETS)), elem_id="loraloop_resize_target")
+                resize_value = gr.Number(label="value", value=0.95, elem_id="loraloop_resize_value")
+            with gr.Row():
+                resize_name = gr.Textbox(label="output name (in the Lora folder)", placeholder="<name>_resized",
+                                         elem_id="loraloop_resize_name")
+                resize_overwrite = gr.Checkbox(label="overwrite", value=False, elem_id="loraloop_resize_overwrite")
+                resize_button = gr.Button("Resize", elem_id="loraloop_resize_button")
+            resize_report = gr.Textbox(label="Resize report", lines=12, interactive=False,
+                                       elem_id="loraloop_resize_report")
+        resize_refresh.click(fn=lambda: gr.update(choices=actions.lora_files()), inputs=[], outputs=[resize_source])
+        resize_button.click(fn=actions.resize_lora, outputs=[resize_report],
+                            inputs=[resize_source, resize_target, resize_value, resize_name, resize_overwrite])
+
         names = [f.name for f in fields]
         inputs = [components[n] for n in names]
         handlers = actions.TabActions(names)
@@ -139,6 +174,10 @@ def build_tab() -> Any:
         caption_inputs = [*data_inputs, prefix, suffix, find, replace, regex, add_trigger]
         preview_caps.click(fn=handlers.preview_captions, inputs=caption_inputs, outputs=[caption_out])
         write_caps.click(fn=handlers.write_captions, inputs=caption_inputs, outputs=[caption_out])
+        auto_caps.click(fn=handlers.caption_with, inputs=[*caption_inputs, interrogator, overwrite_caps],
+                        outputs=[proposals, caption_out])
+        write_proposed.click(fn=handlers.write_proposed, inputs=[*data_inputs, proposals, overwrite_caps],
+                             outputs=[caption_out])
         plan_button.click(fn=handlers.plan, inputs=inputs, outputs=[plan_out])
         export.click(fn=handlers.export_yaml, inputs=inputs, outputs=[yaml_text, exported, config_note])
 

@@ -235,3 +235,41 @@ def refresh_networks() -> bool:
         return False
     networks.list_available_networks()
     return True
+
+
+# -- the interrogators (img2img's "Interrogate CLIP" / "Interrogate DeepBooru") ---------------------------------------
+def interrogate_clip(image: Any) -> str:
+    """`shared.interrogator.interrogate(pil)` as modules/ui.py `interrogate()` calls it: a BLIP sentence plus
+    CLIP-ranked terms. The webui loads BLIP/CLIP itself (fetching them on first use, as its own button does), runs
+    the call as a job, and appends "<error>" to the text instead of raising when something fails."""
+    interrogator = getattr(shared(), "interrogator", None)
+    if interrogator is None:
+        raise AttributeError("shared.interrogator is not set up in this webui")
+    return interrogator.interrogate(image.convert("RGB"))
+
+
+def interrogate_deepbooru(image: Any) -> str:
+    """`modules.deepbooru.model.tag(pil)` as modules/ui.py `interrogate_deepbooru()` calls it: danbooru tags over the
+    "deepbooru: score threshold" setting, formatted by the webui's deepbooru settings (spaces, escaped brackets)."""
+    from modules import deepbooru
+
+    return deepbooru.model.tag(image)
+
+
+# By the ids `captions.INTERROGATORS` gives the tab's "Caption with" choices.
+INTERROGATORS: dict[str, Callable[[Any], str]] = {"clip": interrogate_clip, "deepbooru": interrogate_deepbooru}
+
+
+@contextlib.contextmanager
+def gpu_queue() -> Iterator[None]:
+    """The queue lock txt2img and training hold (`call_queue.queue_lock`), without a job of its own: the CLIP
+    interrogator begins and ends one per image itself. `state.interrupted` is cleared on the way in and out, as the
+    webui's own job wrapper does, so an Interrupt clicked earlier does not stop this at once."""
+    from modules import call_queue
+
+    with call_queue.queue_lock:
+        state().interrupted = False
+        try:
+            yield
+        finally:
+            state().interrupted = False

@@ -73,6 +73,8 @@ def _train(config, sink: TqdmSink, resume: Path | None = None) -> int:  # noqa: 
         print(f"cancelled; {f'saved what was trained so far to {saved}' if saved else 'nothing was saved'}",
               file=sys.stderr)
         return 130
+    if outputs.lora is None:  # another rank of a torchrun launch: rank 0 reports and writes
+        return 0
     r = outputs.result
     print(f"\ntrained {r.steps} steps, final loss {sum(r.losses[-10:]) / max(1, len(r.losses[-10:])):.4f} "
           f"(first 10 steps: {sum(r.losses[:10]) / max(1, len(r.losses[:10])):.4f})")
@@ -100,12 +102,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import shutil
+
     from ..trainer.config import load_config
+    from ..trainer.lorafile import atomic_write
+    from ..trainer.runner import load_bundle
     from .demo import DEMO_CONFIG
+    from .demo.showcase import showcase, training_images
 
     config = load_config(DEMO_CONFIG, {"output_dir": args.output, "overwrite": "true"})
-    print(f"demo: training {config.base_model} on the bundled dataset ({Path(config.train_data_dir)}) on the CPU")
-    return _train(config, TqdmSink())
+    print(f"demo: teaching {config.base_model} the `{config.trigger_word}` concept of {Path(config.train_data_dir)}")
+    # The runner's own before/after grid is replaced by one with the LoRA at 0, 0.5 and 1.0, made below.
+    code = _train(_replace(config, sample_prompts=[]), TqdmSink())
+    if code:
+        return code
+    folder, name = Path(config.output_dir), config.output_name
+    print("sampling the same prompts and seeds with the LoRA at 0, 0.5 and 1.0 ...", file=sys.stderr)
+    references = training_images(config)
+    shown = showcase(load_bundle(config), config, folder / f"{name}.safetensors", references)
+    grid = shown.grid(references)
+    path = atomic_write(folder / f"{name}_samples.png", lambda tmp: grid.save(tmp, format="PNG"), overwrite=True)
+    print(f"samples:     {path}  (rows: LoRA 0 = the base model, 0.5, 1.0; last row: training images)")
+    print(shown.summary())
+    if args.picture:
+        copy = atomic_write(Path(args.picture), lambda tmp: shutil.copyfile(path, tmp), overwrite=True)
+        print(f"copied to:   {copy}")
+    return 0
 
 
 def cmd_check_dataset(args: argparse.Namespace) -> int:
@@ -154,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="train the tiny built-in model on the bundled dataset (CPU, ~1 minute)")
+    p = sub.add_parser("demo", help="teach the built-in demo model a new concept and show it (CPU, ~2 minutes)")
     p.add_argument("--output", default="loraloop-demo", help="output folder (default: ./loraloop-demo)")
+    p.add_argument("--picture", help="also copy the sample grid here (how docs/demo.png is made)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("check-dataset", help="report every problem of a dataset folder without training")
@@ -175,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan import add_plan_parser
 
     add_plan_parser(sub)
+    from .caption import add_caption_parser
+
+    add_caption_parser(sub)
+    from .resize import add_resize_parser
+    add_resize_parser(sub)
     return parser
 
 

@@ -12,13 +12,23 @@ from typing import Any
 
 import yaml
 
+from ..trainer.caption_settings import STYLES
 from ..trainer.config import field_help
 from ..trainer.errors import ConfigError, DatasetError
 from ..trainer.lorafile import atomic_write
 from ..trainer.widgets import read_yaml, values_from_mapping
 from . import paths
 from .compat import ComfyExtension, LoraModelType, io, ui
-from .datasets import CAPTION_SOURCE_HELP, CAPTION_SOURCES, ComfyDataset, caption_dataset
+from .datasets import (
+    CAPTION_SOURCE_HELP,
+    CAPTION_SOURCES,
+    CAPTIONER_PREFIX,
+    PREVIEW_SIZE,
+    ComfyDataset,
+    caption_dataset,
+    captioner_names,
+    preview_batch,
+)
 from .widgets import NodeConfig, default_node_config, node_config, node_schema, widget_inputs
 
 log = logging.getLogger(__name__)
@@ -56,9 +66,15 @@ class LoadDataset(io.ComfyNode):
                 io.String.Input("trigger_word", default="", optional=True, tooltip="Prepended to every caption that "
                                 "lacks it; saved with the LoRA."),
             ],
+            # Outputs are linked by index in saved workflows: new ones are appended, never inserted.
             outputs=[Dataset.Output("dataset", display_name="DATASET"),
                      io.String.Output("summary", tooltip="Images, their sizes and caption coverage. Buckets are "
-                                      "decided when TrainLoRA runs, from LoRATrainConfig's resolution.")],
+                                      "decided when TrainLoRA runs, from LoRATrainConfig's resolution."),
+                     io.Image.Output("images", tooltip=f"The dataset's images as one batch, in file-name order (the "
+                                     "order Caption maps `captions` back in), for a captioner node (Florence-2, "
+                                     f"JoyCaption, WD14 tagger, Qwen-VL …): each fitted inside {PREVIEW_SIZE}x"
+                                     f"{PREVIEW_SIZE} with its aspect ratio kept, centred on black (about 3 MB of "
+                                     "memory per image).")],
         )
 
     @classmethod
@@ -82,7 +98,10 @@ class LoadDataset(io.ComfyNode):
         summary = dataset.summary(report)
         if report.will_fail:
             raise DatasetError(summary, path=folder)
-        return io.NodeOutput(dataset, summary, ui=ui.PreviewText(summary))
+        # Always made, even when unconnected: ComfyUI caches a node's outputs by its inputs alone, so an output
+        # skipped while unconnected would stay missing after it is connected.
+        images = preview_batch(dataset, report.scan.records)
+        return io.NodeOutput(dataset, summary, images, ui=ui.PreviewText(summary))
 
 
 class Caption(io.ComfyNode):
@@ -96,8 +115,8 @@ class Caption(io.ComfyNode):
             search_aliases=["captions", "tag images", "trigger word"],
             inputs=[
                 Dataset.Input("dataset"),
-                io.Combo.Input("source", options=list(CAPTION_SOURCES), default="existing",
-                               tooltip=CAPTION_SOURCE_HELP),
+                io.Combo.Input("source", options=[*CAPTION_SOURCES, *(CAPTIONER_PREFIX + n for n in captioner_names())],
+                               default="existing", tooltip=CAPTION_SOURCE_HELP),
                 io.String.Input("trigger_word", default="", tooltip="Put first in every caption that lacks it."),
                 io.String.Input("prefix", default="", tooltip="Text before each caption (joined with ', ')."),
                 io.String.Input("suffix", default="", tooltip="Text after each caption (joined with ', ')."),
@@ -108,7 +127,12 @@ class Caption(io.ComfyNode):
                 io.Boolean.Input("overwrite_sidecars", default=False,
                                  tooltip="Allow replacing existing caption files."),
                 io.String.Input("captions", optional=True, force_input=True, tooltip="Captions from another node: a "
-                                "list with one string per image in file-name order, or one string for all."),
+                                "list with one string per image in LoadDataset's image order (file-name order), one "
+                                "string with one line per image, or one string for all."),
+                # Appended (and optional): saved workflows without it keep their widget positions.
+                io.Combo.Input("style", options=list(STYLES), default="sentence", optional=True,
+                               tooltip="With a captioner source: sentence (a description) or tags (comma-separated; "
+                               "a vision-language model is asked for tags, a BLIP sentence is split into them)."),
             ],
             outputs=[Dataset.Output("dataset", display_name="DATASET"),
                      io.String.Output("captions", tooltip="The captions, one per line.")],
@@ -117,11 +141,12 @@ class Caption(io.ComfyNode):
     @classmethod
     def execute(cls, dataset: list, source: list, trigger_word: list, prefix: list, suffix: list, find: list,
                 replace: list, write_sidecars: list, overwrite_sidecars: list,
-                captions: list | None = None) -> io.NodeOutput:
+                captions: list | None = None, style: list | None = None) -> io.NodeOutput:
         new, texts = caption_dataset(
             _one(dataset), source=_one(source), strings=captions, trigger_word=_one(trigger_word),
             prefix=_one(prefix), suffix=_one(suffix), find=_one(find), replace_with=_one(replace),
-            write_sidecars=_one(write_sidecars), overwrite=_one(overwrite_sidecars))
+            write_sidecars=_one(write_sidecars), overwrite=_one(overwrite_sidecars),
+            style=_one(style) or "sentence")
         joined = "\n".join(texts)
         return io.NodeOutput(new, joined, ui=ui.PreviewText(joined))
 
@@ -281,6 +306,75 @@ class SaveLoRA(io.ComfyNode):
         return io.NodeOutput(saved.name, ui=ui.PreviewText(f"saved {saved.name} in models/loras"))
 
 
+class ResizeLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .widgets import NO_LORA
+
+        return io.Schema(
+            node_id=PREFIX + "ResizeLoRA", display_name="ResizeLoRA", category=CATEGORY, is_output_node=True,
+            description="A LoRA at a new rank per module, from the SVD of each module's update: keep a share of its "
+                        "energy, cap the rank, or fit a file size. Reports per module and overall the kept energy "
+                        "and the relative error of the update. One alpha for every module, the rest of each scale in "
+                        "its tensors: the LoRA loads at the same strength. LoHa/LoKr/DoRA are refused.",
+            search_aliases=["resize lora", "shrink lora", "lora rank", "svd", "prune lora"],
+            inputs=[
+                io.Combo.Input("mode", options=["energy", "rank", "max_mb"], default="energy",
+                               tooltip="energy: keep this share of each module's singular-value energy (0-1, e.g. "
+                               "0.95; 1 = lossless). rank: at most this rank per module (e.g. 8). max_mb: each "
+                               "module's rank chosen so the file is at most this many MB (greedy by energy per byte)."),
+                io.Float.Input("value", default=0.95, min=0.0001, max=100000.0, step=0.01, round=False,
+                               tooltip="The energy share, the rank or the size in MB (1 MB = 1,000,000 bytes), as "
+                               "mode says."),
+                LoraModelType.Input("lora", optional=True, tooltip="From TrainLoRA; wins over lora_name."),
+                io.Combo.Input("lora_name", options=[NO_LORA, *paths.lora_names()], default=NO_LORA, optional=True,
+                               tooltip="A LoRA from models/loras to resize (when no LORA_MODEL is connected)."),
+                io.String.Input("save_as", default="", optional=True, tooltip="Also save the result into "
+                                "models/loras under this name (sanitized, _2, _3 … when taken); empty: do not save."),
+            ],
+            outputs=[LoraModelType.Output("lora", tooltip="The resized LoRA; SaveLoRA writes it, LoraModelLoader "
+                                          "applies it."),
+                     io.String.Output("report", tooltip="Ranks, kept energy and relative error per module, then "
+                                      "overall, and the size before and after.")],
+        )
+
+    @classmethod
+    def execute(cls, mode: str, value: float, lora: Any = None, lora_name: str = "",
+                save_as: str = "") -> io.NodeOutput:
+        from ..trainer.lorafile import load_lora, save_lora, unique_path
+        from ..trainer.resize import Target, resize_state_dict
+        from .outputs import save_trained_lora
+        from .training import TrainedLora
+        from .widgets import NO_LORA
+
+        if lora is not None:
+            tensors, metadata, source = dict(lora), dict(getattr(lora, "metadata", {}) or {}), "the connected LoRA"
+        elif lora_name and lora_name != NO_LORA:
+            path = paths.find_lora(lora_name)
+            (tensors, metadata), source = load_lora(path), path.name
+        else:
+            raise ConfigError("ResizeLoRA: connect a LORA_MODEL (from TrainLoRA) or pick a lora_name to resize",
+                              key="lora")
+        resized = resize_state_dict(tensors, metadata, Target(mode, value), source=source)
+        words = getattr(lora, "trigger_words", None)
+        if words is None:
+            words = [w.strip() for w in metadata.get("modelspec.trigger_phrase", "").split(",") if w.strip()]
+        out = TrainedLora(resized.tensors, resized.metadata, list(words), getattr(lora, "preview", None),
+                          getattr(lora, "family", ""))
+        text = resized.report.text()
+        if save_as.strip():
+            if all(k.startswith(("lora_unet_", "lora_te")) for k in out):  # as SaveLoRA: card and preview beside it
+                saved = save_trained_lora(out, save_as)
+                name = saved.name
+            else:  # diffusers/peft names: the file alone, as it came
+                folder, stem = paths.lora_target(save_as)
+                path = save_lora(unique_path(folder, stem), dict(out), out.metadata)
+                paths.invalidate_lora_list()
+                name = path.relative_to(paths.loras_dir()).as_posix()
+            text += f"\nsaved {name} in models/loras"
+        return io.NodeOutput(out, text, ui=ui.PreviewText(text))
+
+
 class LoRAPrompt(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -308,7 +402,7 @@ class LoRAPrompt(io.ComfyNode):
         return io.NodeOutput(encode(clip, clean), model, clip, clean)
 
 
-NODES: list[type] = [LoadDataset, Caption, LoRATrainConfig, MemoryPlan, TrainLoRA, SaveLoRA, LoRAPrompt]
+NODES: list[type] = [LoadDataset, Caption, LoRATrainConfig, MemoryPlan, TrainLoRA, SaveLoRA, ResizeLoRA, LoRAPrompt]
 
 
 class LoRALoopExtension(ComfyExtension):

@@ -28,6 +28,7 @@ from ..trainer.config import TrainConfig
 from ..trainer.data import format_bucket_table
 from ..trainer.errors import TrainingInterrupted
 from ..trainer.loop import TrainResult
+from ..trainer.metadata import quick_model_hash
 from ..trainer.network import Network, NetworkSpec
 from ..trainer.plot import loss_curve, to_pil
 from ..trainer.runner import apply_plan, prepare_batches
@@ -124,14 +125,18 @@ def _final_preview(bundle: ComfyBundle, config: TrainConfig, result: TrainResult
     return to_pil(bundle.decode_latents(latents))[0]
 
 
-def checkpoint_name(model: Any) -> str:
-    """The file the MODEL was loaded from, where ComfyUI records it (`cached_patcher_init`, ComfyUI 0.3x and later:
-    checkpoint and diffusion-model loaders); else a plain description. Goes into the LoRA's metadata."""
+def checkpoint_file(model: Any) -> str | None:
+    """The file the MODEL was loaded from, where ComfyUI records it (`cached_patcher_init`: the checkpoint and
+    diffusion-model loaders of recent ComfyUI, 0.33 among them; 0.12.3 records nothing)."""
     init = getattr(model, "cached_patcher_init", None)
     args = init[1] if isinstance(init, tuple) and len(init) > 1 and isinstance(init[1], tuple) else ()
-    if args and isinstance(args[0], str) and args[0]:
-        return Path(args[0]).name
-    return "ComfyUI MODEL (loader did not record its file)"
+    return args[0] if args and isinstance(args[0], str) and args[0] else None
+
+
+def checkpoint_name(model: Any) -> str:
+    """The base model's name for the LoRA's metadata: its file name, else a plain description."""
+    path = checkpoint_file(model)
+    return Path(path).name if path else "ComfyUI MODEL (loader did not record its file)"
 
 
 def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_config: NodeConfig, *, name: str,
@@ -163,6 +168,7 @@ def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_conf
         session = TrainingSession(bundle, config, train_dataset, sink, SessionHooks(
             lora_path=_lora_file, find_lora=find_lora, after_save=invalidate_lora_list,
             save_on_cancel=save_on_cancel), model_name=base)
+        session.run.model_hash = quick_model_hash(checkpoint_file(model))
         captions = sorted({r.caption or "" for r in train_dataset.records} | {config.trigger_word, ""})
         bundle.set_caption_lengths(captions + list(config.sample_prompts))
         bundle.cache_text(list(config.sample_prompts))

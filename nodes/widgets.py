@@ -47,7 +47,7 @@ WIDGET_ORDER = (
     "epochs", "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "optimizer",
     "weight_decay", "max_grad_norm", "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "noise_offset",
     "seed", "save_precision", "save_every_n_steps", "save_every_n_epochs", "save_last_n", "sample_prompts",
-    "sample_every_n_steps", "sample_steps", "sample_cfg", "vram_budget_gb", "memory_margin",
+    "sample_every_n_steps", "sample_steps", "sample_cfg", "vram_budget_gb", "memory_margin", "dynamic_rank",
 )
 FRONTEND_SEED_NAMES = ("seed", "noise_seed")  # INT inputs the front-end adds a seed control to by name
 NO_LORA = "[none]"  # resume_lora's first option: start a new LoRA

@@ -55,6 +55,11 @@ def test_extension_files():
 def test_package_import_touches_no_webui_and_the_comfy_pack_ignores_it():
     code = textwrap.dedent(f"""
         import importlib, importlib.util, sys
+        if importlib.util.find_spec("loraloop") is None:  # not installed here: load this checkout as the package
+            spec = importlib.util.spec_from_file_location("loraloop", {str(ROOT / "__init__.py")!r},
+                                                          submodule_search_locations=[{str(ROOT)!r}])
+            sys.modules["loraloop"] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules["loraloop"])
         for name in ("entry", "webui", "bundle", "training", "widgets", "actions", "api", "ui", "sink", "captions",
                      "plan", "forge", "outputs"):
             importlib.import_module("loraloop.a1111." + name)
@@ -368,3 +373,48 @@ def test_install_py_keeps_old_webui_pins_working():
     lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     names = {re.split(r"[<>=!~ ]", line)[0].lower() for line in lines if line}
     assert names and not names & {"torch", "torchvision", "xformers", "gradio", "transformers"}
+
+
+def test_resize_action_writes_into_the_lora_folder(webui):
+    """The tab's resize section: the LoRAs of the Lora folder to pick from, the resized file beside the others (the
+    webui's list refreshed), the report, and one-line errors."""
+    import torch
+
+    from loraloop.a1111 import actions
+    from loraloop.trainer.lorafile import load_lora, save_lora
+
+    gen = torch.Generator().manual_seed(0)
+    save_lora(webui.lora_dir / "styles" / "flat.safetensors", {
+        "lora_unet_a.lora_down.weight": torch.randn(8, 32, generator=gen).half(),
+        "lora_unet_a.lora_up.weight": torch.randn(16, 8, generator=gen).half(),
+        "lora_unet_a.alpha": torch.tensor(4.0).half()}, {"ss_network_dim": "8", "ss_output_name": "flat"})
+    assert actions.lora_files() == ["styles/flat.safetensors"]
+    by_energy, by_rank, _ = actions.RESIZE_TARGETS
+    text = actions.resize_lora("styles/flat.safetensors", by_rank, 2, "flat_small", False)
+    assert "kept energy" in text and "lora_unet_a" in text and not text.startswith("ERROR")
+    tensors, metadata = load_lora(webui.lora_dir / "flat_small.safetensors")
+    assert tensors["lora_unet_a.lora_down.weight"].shape[0] == 2 and metadata["ss_network_dim"] == "2"
+    assert metadata["ss_output_name"] == "flat_small" and "flat_small" in webui.networks.available_networks
+    again = actions.resize_lora("styles/flat.safetensors", by_rank, 2, "flat_small", False)
+    assert again.startswith("ERROR:") and "already exists" in again and "overwrite" in again
+    assert not actions.resize_lora("styles/flat.safetensors", by_rank, 4, "flat_small", True).startswith("ERROR")
+    assert not actions.resize_lora("styles/flat.safetensors", by_energy, 0.9, "", False).startswith("ERROR")
+    assert (webui.lora_dir / "flat_resized.safetensors").is_file()  # the default output name
+    assert "energy must be" in actions.resize_lora("styles/flat.safetensors", by_energy, 3, "x", False)
+    assert "no LoRA '../outside.safetensors'" in actions.resize_lora("../outside.safetensors", by_rank, 2, "x", False)
+    assert actions.resize_lora("", by_rank, 2, "x", False).startswith("ERROR: no LoRA")
+
+
+def test_the_tab_wires_the_resize_section(webui, monkeypatch):
+    from loraloop.a1111 import actions, ui
+
+    gr = fake_gradio("3.41.2")
+    monkeypatch.setitem(sys.modules, "gradio", gr)
+    ui.build_tab()
+    by_id = {c.kwargs.get("elem_id"): c for c in gr.made if c.kwargs.get("elem_id")}
+    (click,) = by_id["loraloop_resize_button"].clicks
+    assert click["fn"] is actions.resize_lora and click["outputs"] == [by_id["loraloop_resize_report"]]
+    assert click["inputs"] == [by_id[f"loraloop_resize_{n}"] for n in ("lora", "target", "value", "name", "overwrite")]
+    assert by_id["loraloop_resize_target"].kwargs["choices"] == list(actions.RESIZE_TARGETS)
+    (refresh,) = by_id["loraloop_resize_refresh"].clicks
+    assert refresh["outputs"] == [by_id["loraloop_resize_lora"]] and refresh["fn"]()["choices"] == []

@@ -132,6 +132,96 @@ def test_captions_from_a_metadata_file_are_not_written(tmp_path):
     assert written == [] and skipped == [change] and not (folder / "a.txt").exists()
 
 
+def colour_dataset(folder):
+    """a (green, tall), b (red, wide), c (blue, square, captioned already), created out of file-name order."""
+    folder.mkdir()
+    for name, size, colour in (("b.png", (96, 64), "red"), ("a.png", (64, 96), "lime"), ("c.png", (64, 64), "blue")):
+        Image.new("RGB", size, colour).save(folder / f"{name}")
+    (folder / "c.txt").write_text("my own caption\n", encoding="utf-8")
+    return folder
+
+
+def caption_fields(folder):
+    from loraloop.a1111 import widgets as form
+    from loraloop.a1111.actions import TabActions
+
+    names = [f.name for f in form.form_fields()]
+    values = form.default_values()
+    values.update(train_data_dir=str(folder), trigger_word="sks", resolution=64, min_bucket_reso=32,
+                  max_bucket_reso=128, bucket_reso_steps=32)
+    return TabActions(names), [values[n] for n in names]
+
+
+def test_caption_with_the_webuis_interrogators_writes_only_after_confirmation(webui, tmp_path):
+    """"Caption with" runs the webui's own interrogators (shared.interrogator.interrogate, deepbooru.model.tag) in
+    its GPU queue on the images without a caption, shows editable proposals, and writes nothing until Write; Write
+    keeps existing files unless overwrite is ticked."""
+    from modules import deepbooru
+
+    from loraloop.a1111 import captions
+
+    folder = colour_dataset(tmp_path / "ds")
+    actions, fields = caption_fields(folder)
+    clip, booru = (next(k for k, v in captions.INTERROGATORS.items() if v == kind) for kind in ("clip", "deepbooru"))
+    interrogator = webui.shared.interrogator
+    real, locked = interrogator.interrogate, []
+    interrogator.interrogate = lambda image: locked.append(webui.call_queue.queue_lock._is_owned()) or real(image)
+    edit = ["", ", plain", "", "", False, True]  # prefix, suffix, find, replace, regex, trigger word first
+    proposals, status = actions.caption_with(*fields, *edit, clip, False)
+    assert proposals.splitlines() == ["a.png: sks, a green square, flat colour, minimalism, plain",
+                                      "b.png: sks, a red square, flat colour, minimalism, plain"]
+    assert interrogator.calls == [(64, 96), (96, 64)] and locked == [True, True]  # in the queue, c left out
+    assert "2 caption(s) proposed" in status and "1 image(s) already have a caption file" in status
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "b.png", "c.png", "c.txt"]  # nothing written yet
+
+    edited = proposals.replace("minimalism", "flat design") + "\n\nc.png: sks, blue\n"
+    status = actions.write_proposed(*fields, edited, False)
+    assert "Wrote 2 caption file(s)" in status and "c.txt exists and was kept" in status
+    assert (folder / "a.txt").read_text(encoding="utf-8") == "sks, a green square, flat colour, flat design, plain\n"
+    assert (folder / "c.txt").read_text(encoding="utf-8") == "my own caption\n"
+
+    proposals, status = actions.caption_with(*fields, "", "", "", "", False, False, booru, True)  # overwrite: all
+    lines = proposals.splitlines()
+    assert deepbooru.model.calls == 3 and [line.split(":")[0] for line in lines] == ["a.png", "b.png", "c.png"]
+    assert lines[2] == "c.png: blue background, no humans, simple background"
+    assert "Wrote 3 caption file(s)" in actions.write_proposed(*fields, proposals, True)
+    assert (folder / "c.txt").read_text(encoding="utf-8") == "blue background, no humans, simple background\n"
+    assert not list(folder.glob(".*.tmp"))
+
+    assert "names no image" in actions.write_proposed(*fields, "zzz.png: x", True)
+    assert "listed twice" in actions.write_proposed(*fields, "a.png: x\na.png: y", True)
+    assert "ERROR: choose" in actions.caption_with(*fields, *edit, "nothing", False)[1]
+
+
+def test_caption_with_reports_failures_and_stops_on_interrupt(webui, tmp_path):
+    from loraloop.a1111 import captions
+
+    folder = colour_dataset(tmp_path / "ds")
+    actions, fields = caption_fields(folder)
+    clip = next(k for k, v in captions.INTERROGATORS.items() if v == "clip")
+    interrogator = webui.shared.interrogator
+    interrogator.fail_on = (64, 96)  # a.png: the webui appends "<error>" instead of raising
+    proposals, status = actions.caption_with(*fields, "", "", "", "", False, False, clip, True)
+    assert [line.split(":")[0] for line in proposals.splitlines()] == ["b.png", "c.png"]
+    assert "failed on a.png" in status
+    interrogator.fail_on, real = None, interrogator.interrogate
+
+    def interrupted_after_one(image):
+        text = real(image)
+        webui.shared.state.interrupt()  # the webui's Interrupt, clicked while the first image was interrogated
+        return text
+
+    interrogator.interrogate = interrupted_after_one
+    webui.shared.state.interrupt()  # an old click does not stop the next run
+    proposals, status = actions.caption_with(*fields, "", "", "", "", False, False, clip, True)
+    assert len(proposals.splitlines()) == 1 and "Interrupted" in status
+    assert not webui.shared.state.interrupted
+    interrogator.interrogate = lambda image: (_ for _ in ()).throw(RuntimeError("no BLIP weights"))
+    proposals, status = actions.caption_with(*fields, "", "", "", "", False, False, clip, True)
+    assert proposals == "" and "RuntimeError: no BLIP weights" in status
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "b.png", "c.png", "c.txt"]
+
+
 def test_actions_without_a_model(webui, tmp_path):
     """Dataset check, plan, export and import work before any model is loaded (and in Forge)."""
     from loraloop.a1111 import widgets as form

@@ -183,13 +183,18 @@ def test_metadata_records_the_checkpoint_comfyui_loaded(host):
     import json
 
     from loraloop.nodes.training import checkpoint_name
+    from loraloop.trainer.metadata import quick_model_hash
 
     patcher, clip, vae = stub_models.build("sd15")
-    patcher.cached_patcher_init = (print, ("/models/checkpoints/sub/rand_sd15.safetensors", False, False), 0)
+    checkpoint = host / "models" / "checkpoints" / "sub" / "rand_sd15.safetensors"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(bytes(range(256)) * 8192)  # 2 MiB: the hash reads 64 KiB at 1 MiB
+    patcher.cached_patcher_init = (print, (str(checkpoint), False, False), 0)
     with torch.inference_mode():
         run = train_lora(patcher, clip, vae, dataset(host), node_config({**FAST, "max_train_steps": 1}),
                          name="style", node_id="7")
     assert run.lora.metadata["ss_sd_model_name"] == "rand_sd15.safetensors"
+    assert run.lora.metadata["ss_sd_model_hash"] == quick_model_hash(checkpoint) != ""
     assert json.loads(run.lora.metadata["loraloop_config"])["base_model"] == "rand_sd15.safetensors"
     assert "loader did not record" in checkpoint_name(stub_models.build("sd15")[0])  # 0.12.3 has no record
 

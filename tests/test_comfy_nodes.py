@@ -47,7 +47,7 @@ def schemas():
 def test_schemas_validate_with_prefixed_ids_tooltips_and_one_category(host):
     found = schemas()
     assert [s.display_name for s in found] == ["LoadDataset", "Caption", "LoRATrainConfig", "MemoryPlan", "TrainLoRA",
-                                               "SaveLoRA", "LoRAPrompt"]
+                                               "SaveLoRA", "ResizeLoRA", "LoRAPrompt"]
     for s in found:
         assert s.node_id.startswith("LoRALoop_") and s.node_id not in CORE_IDS
         assert s.category == "LoRA Loop" and s.description
@@ -104,7 +104,8 @@ def test_entry_point_exposes_v3_inside_comfyui():
 
 def test_load_dataset_and_caption(host):
     out = run_node(nodes.LoadDataset, folder="style", recursive=False, caption_extension=".txt")
-    dataset, summary = out.args
+    dataset, summary, images = out.args
+    assert images.shape == (12, 512, 512, 3)
     assert "images: 12 usable" in summary and "captions: 12/12" in summary and str(host) not in summary
     out = run_node(nodes.Caption, dataset=[dataset], source=["existing"], trigger_word=["flatstyle"], prefix=[""],
                    suffix=["simple"], find=["flat style, "], replace=[""], write_sidecars=[True],
@@ -177,6 +178,42 @@ def test_train_save_and_prompt_end_to_end(host, caplog):
     assert strengths == {0.8} and not model.patches and "lora key not loaded" not in caplog.text
     with pytest.raises(LoraFileError, match="no LoRA called 'nope'"):
         run_node(nodes.LoRAPrompt, model=model, clip=clip, text="<lora:nope> x")
+
+
+def test_resize_lora_node(host, caplog):
+    """ResizeLoRA takes TrainLoRA's LORA_MODEL or a file of models/loras; its output loads through the LoRA loader
+    with every key taken, and the saved file holds the ranks the report gives."""
+    import comfy.sd
+
+    from loraloop.trainer.resize import read_modules
+
+    model, clip, vae = stub_models.build("sd15")
+    dataset = run_node(nodes.LoadDataset, folder="style", recursive=False, caption_extension=".txt",
+                       trigger_word="flatstyle").args[0]
+    config = run_node(nodes.LoRATrainConfig, **{**config_widget_defaults(), **FAST, "max_train_steps": 2}).args[0]
+    lora = run_node(nodes.TrainLoRA, model=model, clip=clip, vae=vae, dataset=dataset, config=config, name="flat",
+                    save_on_cancel=False).args[0]
+    small, report = run_node(nodes.ResizeLoRA, mode="rank", value=2.0, lora=lora, save_as="flat small").args
+    assert set(small) == set(lora) and small.trigger_words == ["flatstyle"] and "kept energy" in report
+    assert {v.shape[0] for k, v in small.items() if k.endswith("lora_down.weight")} == {2}
+    assert "saved flat small.safetensors in models/loras" in report
+    saved = host / "models" / "loras" / "flat small.safetensors"
+    assert (host / "models" / "loras" / "flat small.json").is_file()  # SaveLoRA's card too
+    with safe_open(str(saved), framework="pt") as fh:
+        assert fh.metadata()["ss_network_dim"] == "2" and fh.metadata()["modelspec.trigger_phrase"] == "flatstyle"
+    model2, _ = comfy.sd.load_lora_for_models(model, clip, small, 1.0, 1.0)
+    stems = {k.split(".", 1)[0] for k in small}
+    assert set(model2.patches) == stems and "lora key not loaded" not in caplog.text
+    # from a file of models/loras, by the name LoraLoader lists; to a size
+    out, report = run_node(nodes.ResizeLoRA, mode="max_mb", value=0.06, lora_name="flat small.safetensors").args
+    modules, _ = read_modules(dict(out))
+    assert {m.name: m.rank for m in modules} == {line.split()[0]: int(line.split()[3])
+                                                 for line in report.splitlines()[1:len(modules) + 1]}
+    assert "at most 0.06 MB" in report and "saved" not in report
+    with pytest.raises(ConfigError, match="connect a LORA_MODEL"):
+        run_node(nodes.ResizeLoRA, mode="energy", value=0.9)
+    with pytest.raises(ConfigError, match="energy must be"):
+        run_node(nodes.ResizeLoRA, mode="energy", value=2.0, lora=lora)
 
 
 def test_unsupported_family_is_a_clear_error(host):
@@ -417,3 +454,113 @@ def test_imported_yaml_uses_the_engines_reading(host):
     resolved = config.resolve(get_family("sd1"), "epsilon", torch.float32)
     assert resolved.lora_rank == 32 and "lora_rank" in resolved.auto
     assert resolved.gradient_checkpointing is False and "gradient_checkpointing" not in resolved.auto
+
+
+# -- captions: LoadDataset's images out, strings (or a local captioner) back in --------------------------------------
+CAPTION_WIDGETS = dict(trigger_word=[""], prefix=[""], suffix=[""], find=[""], replace=[""], write_sidecars=[False],
+                       overwrite_sidecars=[False])
+
+
+def colour_folder(host):
+    """Three images of different sizes and colours whose file-name order differs from their creation order."""
+    from PIL import Image
+
+    folder = host / "input" / "colours"
+    folder.mkdir()
+    for name, size, colour in (("b.png", (64, 32), (255, 0, 0)), ("a.png", (32, 64), (0, 255, 0)),
+                               ("c.jpg", (40, 40), (0, 0, 255))):
+        Image.new("RGB", size, colour).save(folder / name)
+    return folder
+
+
+def test_load_dataset_outputs_the_images_in_file_name_order_letterboxed(host):
+    from loraloop.nodes.datasets import PREVIEW_SIZE
+
+    colour_folder(host)
+    out = run_node(nodes.LoadDataset, folder="colours", recursive=False, caption_extension=".txt")
+    schema = nodes.LoadDataset.GET_SCHEMA()
+    assert [o.io_type for o in schema.outputs] == ["LORALOOP_DATASET", "STRING", "IMAGE"]  # appended at the end
+    dataset, _, images = out.args
+    assert [r.path.name for r in dataset.scan().records] == ["a.png", "b.png", "c.jpg"]
+    assert images.shape == (3, PREVIEW_SIZE, PREVIEW_SIZE, 3) and images.dtype == torch.float32
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    middle = PREVIEW_SIZE // 2
+    assert torch.allclose(images[0, middle, middle], torch.tensor([0.0, 1.0, 0.0]), atol=0.02)  # a: green
+    assert torch.allclose(images[1, middle, middle], torch.tensor([1.0, 0.0, 0.0]), atol=0.02)  # b: red
+    assert torch.allclose(images[2, middle, middle], torch.tensor([0.0, 0.0, 1.0]), atol=0.05)  # c: blue
+    # a is 32x64: scaled to 256x512 and centred, black bars left and right; b (64x32) gets them above and below.
+    assert float(images[0, middle, : PREVIEW_SIZE // 4 - 2].max()) == 0.0 and float(images[0, middle, 200].max()) > 0
+    assert float(images[1, : PREVIEW_SIZE // 4 - 2, middle].max()) == 0.0
+    assert torch.count_nonzero(images[2].sum(-1)) == PREVIEW_SIZE * PREVIEW_SIZE  # square: no bars
+
+
+def test_caption_maps_strings_back_in_image_order(host):
+    colour_folder(host)
+    dataset = run_node(nodes.LoadDataset, folder="colours", recursive=False, caption_extension=".txt").args[0]
+    strings = ["green one", "red one", "blue one"]  # what a captioner node returned for LoadDataset's images
+    new, text = run_node(nodes.Caption, dataset=[dataset], source=["strings"], captions=strings,
+                         **{**CAPTION_WIDGETS, "trigger_word": ["sks"]}).args
+    assert {r.path.name: r.caption for r in new.scan().records} == {
+        "a.png": "sks, green one", "b.png": "sks, red one", "c.jpg": "sks, blue one"}
+    assert text.splitlines() == ["sks, green one", "sks, red one", "sks, blue one"]
+    # a captioner node that joined its answers into one string, one line each
+    new, _ = run_node(nodes.Caption, dataset=[dataset], source=["strings"], captions=["green\nred\n\nblue\n"],
+                      **CAPTION_WIDGETS).args
+    assert [r.caption for r in new.scan().records] == ["green", "red", "blue"]
+    new, _ = run_node(nodes.Caption, dataset=[dataset], source=["strings"], captions=["all the same"],
+                      **CAPTION_WIDGETS).args
+    assert [r.caption for r in new.scan().records] == ["all the same"] * 3
+    with pytest.raises(ConfigError, match=r"has 4 strings but the dataset 'colours' has 3 images.*image order"):
+        run_node(nodes.Caption, dataset=[dataset], source=["strings"], captions=["1", "2", "3", "4"],
+                 **CAPTION_WIDGETS)
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory):
+    from helpers.tiny_captioner import build_tiny_blip
+
+    return build_tiny_blip(tmp_path_factory.mktemp("captioner") / "tiny-blip")
+
+
+def test_caption_with_a_local_captioner_model(host, tiny_blip, monkeypatch):
+    """source "captioner: <folder under models/captioners>" captions every image with that model, loaded on
+    ComfyUI's device for the node only and released with ComfyUI's soft_empty_cache."""
+    import gc
+    import shutil
+    import weakref
+
+    import comfy.model_management as mm
+    import comfy.utils
+    import folder_paths
+
+    from loraloop.trainer import captioner as engine
+
+    colour_folder(host)
+    shutil.copytree(tiny_blip, host / "models" / "captioners" / "blips" / "tiny")
+    sources = next(i for i in nodes.Caption.GET_SCHEMA().inputs if i.id == "source").options
+    assert sources == ["existing", "strings", "none", "captioner: blips/tiny"]
+    assert folder_paths.get_folder_paths("captioners") == [str(host / "models" / "captioners")]
+    loaded, real_load = [], engine.load_captioner
+
+    def load(path, **kwargs):
+        captioner = real_load(path, **kwargs)
+        loaded.append((captioner, weakref.ref(captioner.model), kwargs))
+        return captioner
+
+    monkeypatch.setattr(engine, "load_captioner", load)
+    dataset = run_node(nodes.LoadDataset, folder="colours", recursive=False, caption_extension=".txt").args[0]
+    caches = mm.empty_cache_calls
+    new, text = run_node(nodes.Caption, dataset=[dataset], source=["captioner: blips/tiny"], style=["tags"],
+                         **{**CAPTION_WIDGETS, "trigger_word": ["sks"], "write_sidecars": [True]}).args
+    captions = text.splitlines()
+    assert len(captions) == 3 and all(c.startswith("sks") for c in captions)
+    assert [r.caption for r in new.scan().records] == captions
+    assert [(host / "input" / "colours" / f"{n}.txt").read_text().strip() for n in "abc"] == captions
+    ((captioner, model_ref, kwargs),) = loaded
+    assert kwargs["device"] == mm.get_torch_device() and kwargs["empty_cache"] is mm.soft_empty_cache
+    assert not captioner.loaded and mm.empty_cache_calls == caches + 1
+    gc.collect()
+    assert model_ref() is None, "the captioner is still referenced after the node ran"
+    assert comfy.utils.updates[-1][:2] == (3, 3)
+    with pytest.raises(ConfigError, match="no captioner model 'gone'"):
+        run_node(nodes.Caption, dataset=[dataset], source=["captioner: gone"], **CAPTION_WIDGETS)

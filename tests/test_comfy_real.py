@@ -19,7 +19,10 @@ tests/comfy_real_support/checkpoint.py) and the demo dataset resized to 256 px:
 (c) /object_info has every LoRALoop_* node, the server log has no import error, web/ is served, the examples are
     listed as templates, and every example workflow uses only known node types with widget values that match the
     front-end's widget layout; the caption example runs;
-and our LoRAPrompt's `<lora:name:1>` tag gives the same latents as LoraLoader.
+and our LoRAPrompt's `<lora:name:1>` tag gives the same latents as LoraLoader;
+(d) Cancel (POST /interrupt, as the UI sends it) after 2 reported steps of a long training ends the prompt as
+    interrupted with no traceback, saves `<name>-cancelled-stepNNNNNN` (N >= 2, ss_steps == N), and leaves the
+    original MODEL sampling bit-identically.
 About 2 minutes on a quiet 2-core CPU (1m51s measured; the checkpoint build adds ~20 s the first time), several
 times longer on a busy machine; the timings are printed at the end with -s.
 """
@@ -34,7 +37,16 @@ import time
 from pathlib import Path
 
 import pytest
-from comfy_real_support.server import ComfyServer, cached_nodes, copy_dataset, execution_seconds, make_layout
+from comfy_real_support.server import (
+    ComfyServer,
+    EventListener,
+    cached_nodes,
+    copy_dataset,
+    execution_seconds,
+    interrupted,
+    make_layout,
+    message_kinds,
+)
 from comfy_real_support.workflow import to_api, unknown_nodes, widget_values
 
 pytestmark = pytest.mark.comfyui
@@ -49,7 +61,7 @@ SAMPLE_CFG = 1.0  # the before/after/LoRA prompts; 1.0 skips the unconditional p
 SEED = 1234
 POSITIVE = "flatstyle, a yellow star on a purple background"
 NEGATIVE = "blurry, photo"
-TIMINGS: dict[str, float] = {}
+TIMINGS: dict[str, float | str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -346,3 +358,74 @@ def test_training_with_uncached_latents_and_shuffled_captions(run):
     assert "Traceback" not in log and "lora key not loaded" not in log, log[-4000:]
     after = run.sample("after_uncached")
     assert (_pixels(run.sample("before")["image"]) == _pixels(after["image"])).all()
+
+
+CANCEL_NAME = "cancelflat"
+CANCEL_AFTER_STEPS = 2
+
+
+def test_cancel_mid_training_saves_the_last_completed_step(run):
+    """Cancel the way the UI does (POST /interrupt) while a long training runs: the prompt ends as interrupted (no
+    traceback), `<name>-cancelled-stepNNNNNN` holds what was trained (N >= the steps reported before the cancel, and
+    its ss_steps says N), and the original MODEL samples exactly as before. On ComfyUI 0.33 the interrupt is raised
+    inside an op's forward (mid-step); a cancel there used to save nothing."""
+    before = run.sample("before")  # in a full run: from the start, before any training
+    wf = json.loads((ROOT / "example_workflows" / "train_style_lora_and_sample.json").read_text())
+    prompt = shrink_for_cpu(to_api(wf, run.object_info), run.ckpt)
+    (config,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "LoRALoop_TrainConfig"]
+    config.update(max_train_steps=100_000, sample_every_n_steps=0, train_text_encoder=False, seed=11)
+    (train_id,) = [k for k, n in prompt.items() if n["class_type"] == "LoRALoop_TrainLoRA"]
+    prompt[train_id]["inputs"].update(name=CANCEL_NAME, save_on_cancel=True)
+    for node in prompt.values():
+        if node["class_type"] == "LoRALoop_SaveLoRA":
+            node["inputs"]["name"] = CANCEL_NAME
+    loras = run.server.base / "models" / "loras"
+    assert not list(loras.glob(f"{CANCEL_NAME}*"))
+    log_start = len(run.server.log_text())
+    client_id = "loraloop-cancel-test"
+    listener = EventListener(run.server, client_id=client_id)
+    t0 = time.perf_counter()
+    try:
+        prompt_id = run.server.queue(prompt, client_id=client_id)
+        deadline = time.monotonic() + 900
+        while max(listener.loss_steps(train_id), default=0) < CANCEL_AFTER_STEPS:
+            entry = run.server.get(f"/history/{prompt_id}").get(prompt_id)
+            assert not entry, f"the prompt ended before {CANCEL_AFTER_STEPS} steps: {json.dumps(entry)[:4000]}"
+            assert time.monotonic() < deadline, f"no step {CANCEL_AFTER_STEPS} after 900 s:\n{run.server.log_tail()}"
+            time.sleep(0.2)
+        reported = max(listener.loss_steps(train_id))
+        run.server.post("/interrupt", {"prompt_id": prompt_id})  # what the front-end's Cancel sends
+        entry = run.server.wait(prompt_id, timeout=600, interrupted_ok=True)
+    finally:
+        listener.close()
+    TIMINGS["prompt: cancelled training"] = round(time.perf_counter() - t0, 1)
+    log = run.server.log_text()[log_start:]
+    # (b) ended as interrupted by the user, at TrainLoRA, without a Python error
+    assert interrupted(entry), (message_kinds(entry), log[-4000:])
+    (stopped,) = [d for kind, d in entry["status"]["messages"] if kind == "execution_interrupted"]
+    assert stopped["node_id"] == train_id, stopped
+    assert "Traceback" not in log and "!!! Exception" not in log, log[-4000:]
+    # (a) the last completed step is saved, and says so
+    files = sorted(loras.glob(f"{CANCEL_NAME}*"))
+    assert len(files) == 1, (files, log[-4000:])
+    match = re.fullmatch(rf"{CANCEL_NAME}-cancelled-step(\d{{6}})\.safetensors", files[0].name)
+    assert match, (files[0].name, log[-4000:])
+    steps = int(match.group(1))
+    assert steps >= reported >= CANCEL_AFTER_STEPS, (steps, reported)
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as fh:
+        meta, keys = fh.metadata(), set(fh.keys())
+    assert int(meta["ss_steps"]) == steps, meta.get("ss_steps")
+    assert meta["ss_output_name"] == CANCEL_NAME
+    assert any(k.startswith("lora_unet_") for k in keys)
+    assert files[0].name in log  # the node's status line: "saved what was trained so far to …"
+    TIMINGS["cancel: steps reported / saved"] = f"{reported} / {steps}"
+    TIMINGS["cancel: file"] = files[0].name
+    # (c) the original MODEL (the very cached object) samples exactly as before the training
+    after = run.sample("after_cancel")
+    assert "ckpt" in cached_nodes(after["entry"]), "the checkpoint was reloaded: the check would prove nothing"
+    import torch
+
+    assert torch.equal(_latent(before["latent"]), _latent(after["latent"]))
+    assert (_pixels(before["image"]) == _pixels(after["image"])).all()

@@ -18,7 +18,8 @@ CORE = {"CheckpointLoaderSimple": ({}, 1, ["MODEL", "CLIP", "VAE"]),
         "KSampler": ({"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
                       "latent_image": "LATENT"}, 7, ["LATENT"]),  # seed + control_after_generate + 5
         "VAEDecode": ({"samples": "LATENT", "vae": "VAE"}, 0, ["IMAGE"]),
-        "SaveImage": ({"images": "IMAGE"}, 1, []), "PreviewImage": ({"images": "IMAGE"}, 0, [])}
+        "SaveImage": ({"images": "IMAGE"}, 1, []), "PreviewImage": ({"images": "IMAGE"}, 0, []),
+        "PrimitiveStringMultiline": ({}, 1, ["STRING"])}  # comfy_extras/nodes_primitive.py: one `value` widget
 
 
 def frontend_widgets(inputs):
@@ -56,9 +57,25 @@ def test_no_seed_control_on_our_nodes(tmp_path):
     assert seed.as_dict()["control_after_generate"] is False
 
 
-def test_three_examples_exist():
-    assert {w.stem for w in WORKFLOWS} == {"train_style_lora_and_sample", "caption_a_folder",
-                                           "continue_training_a_lora"}
+def test_the_examples_exist():
+    assert {w.stem for w in WORKFLOWS} >= {"train_style_lora_and_sample", "caption_a_folder",
+                                           "continue_training_a_lora", "caption_with_a_captioner_node"}
+
+
+def test_the_captioner_example_is_wired_through_loaddatasets_images():
+    """LoadDataset's IMAGE output (appended as output 2) feeds the captioner slot and the stand-in's strings come
+    back into Caption's `captions` input with source "strings"."""
+    wf = json.loads((WORKFLOWS[0].parent / "caption_with_a_captioner_node.json").read_text())
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    links = {link[0]: link for link in wf["links"]}
+    load = next(n for n in wf["nodes"] if n["type"] == "LoRALoop_LoadDataset")
+    caption = next(n for n in wf["nodes"] if n["type"] == "LoRALoop_Caption")
+    (image_link,) = load["outputs"][2]["links"]
+    assert load["outputs"][2]["type"] == "IMAGE" and links[image_link][1:3] == [load["id"], 2]
+    strings = next(i for i in caption["inputs"] if i["name"] == "captions")
+    source = by_id[links[strings["link"]][1]]
+    assert source["type"] == "PrimitiveStringMultiline" and "stand-in" in source["title"]
+    assert caption["widgets_values"][0] == "strings"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

@@ -50,3 +50,15 @@ def test_paths_are_reduced_to_their_last_part():
     meta = meta_for(TrainConfig(train_data_dir="/home/alice/data/char", output_dir="/home/alice/out"))
     saved = json.loads(meta["loraloop_config"])
     assert (saved["train_data_dir"], saved["output_dir"]) == ("char", "out")
+
+
+def test_quick_model_hash_is_kohyas_short_checkpoint_hash(tmp_path):
+    import hashlib
+
+    from loraloop.trainer.metadata import quick_model_hash
+
+    data = bytes(range(256)) * (3 * 4096)  # 3 MiB
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    assert quick_model_hash(path) == hashlib.sha256(data[0x100000 : 0x110000]).hexdigest()[:8]
+    assert quick_model_hash(tmp_path / "missing.safetensors") == "" and quick_model_hash(None) == ""

@@ -48,7 +48,7 @@ def test_defined_once(pattern, home):
 
 def test_no_second_default_rank():
     """The default rank is TrainConfig's field default; nothing else writes the number."""
-    assert _where(r"^\s*(lora_)?rank: int = \d") == []
+    assert _where(r"^\s*(lora_)?rank: int = [1-9]") == []  # a process rank defaults to 0; an adapter rank never
     assert _where(r'"--rank".*default=\d') == []
 
 

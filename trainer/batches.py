@@ -15,6 +15,7 @@ import torch
 from .bundle import Conditioning, ModelBundle, SizeInfo
 from .config import TrainConfig
 from .data import DatasetOptions, LatentCache, TrainDataset, process_caption
+from .distributed import SINGLE, World
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,20 @@ def caches_text(config: TrainConfig, dataset: TrainDataset) -> bool:
 
 @dataclass
 class MicroBatch:
-    latents: torch.Tensor  # [B, C, h, w] float32, CPU
+    """This process's samples of one micro-batch. With several processes (`distributed.py`) the micro-batch is global
+    and this is the rank's slice: `offset` into it and the `global_count` of samples across all ranks."""
+
+    latents: torch.Tensor  # [B, C, h, w] float32, CPU (B may be 0 on a rank whose slice of a small batch is empty)
     captions: list[str]
     sizes: list[SizeInfo]
     cond: Conditioning | None = None  # cached text conditioning (CPU), when the text encoders are frozen
+    global_count: int = 0  # samples of the global micro-batch (0: this one, a single process)
+    offset: int = 0
+
+    @property
+    def total(self) -> int:
+        """Samples the loss is averaged over: the global micro-batch."""
+        return self.global_count or len(self.captions)
 
     def conditioning(self, bundle: ModelBundle, index: slice) -> Conditioning:
         if self.cond is not None:
@@ -68,16 +79,19 @@ class BatchMaker:
         config: batch size, caching switches.
         latent_cache: encode-once latents (None: encode every step, needed for random crops).
         cache_text: encode each distinct caption once (see `caches_text` for when that is allowed).
+        world: the training processes; each micro-batch holds `batch_size` × world size samples, and this process
+            gets its slice (`World.slice`).
     """
 
     def __init__(self, bundle: ModelBundle, dataset: TrainDataset, config: TrainConfig, *,
-                 latent_cache: LatentCache | None, cache_text: bool) -> None:
+                 latent_cache: LatentCache | None, cache_text: bool, world: World = SINGLE) -> None:
         self.bundle = bundle
         self.dataset = dataset
         self.batch_size = config.batch_size
+        self.world = world
         self.latent_cache = latent_cache
         self.chunk_size: int | None = None
-        self.batches_per_epoch = len(dataset.epoch_batches(0, self.batch_size))
+        self.batches_per_epoch = len(dataset.epoch_batches(0, self.global_batch_size))
         self._order: tuple[int, list[list[int]]] | None = None
         self._text: dict[str, Conditioning] = {}
         self._latents: dict[int, object] = {}  # index → CachedLatent: skip re-hashing keys on every step
@@ -103,16 +117,32 @@ class BatchMaker:
                     self._text[caption] = cond[i : i + 1]
         log.info("cached text conditioning of %d distinct captions", len(captions))
 
+    def set_world(self, world: World) -> None:
+        """Train as one of `world`'s processes: micro-batches become global and this process takes its slice."""
+        self.world = world
+        self.batches_per_epoch = len(self.dataset.epoch_batches(0, self.global_batch_size))
+        self._order = None
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per micro-batch over all processes."""
+        return self.batch_size * self.world.size
+
     def _batches(self, epoch: int) -> list[list[int]]:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, self.dataset.epoch_batches(epoch, self.batch_size))
+            self._order = (epoch, self.dataset.epoch_batches(epoch, self.global_batch_size))
         return self._order[1]
 
     def indices(self, epoch: int, batch_index: int) -> list[int]:
+        """Dataset indices of the global micro-batch (every rank's samples)."""
         return self._batches(epoch)[batch_index]
 
     def micro_batch(self, epoch: int, batch_index: int) -> MicroBatch:
-        indices = self.indices(epoch, batch_index)
+        everyone = self.indices(epoch, batch_index)
+        offset, count = self.world.slice(len(everyone))
+        indices = everyone[offset : offset + count]
+        if not indices:
+            return MicroBatch(torch.empty(0), [], [], None, len(everyone), offset)
         latents, captions, sizes = [], [], []
         pixels = []
         for index in indices:
@@ -135,4 +165,5 @@ class BatchMaker:
         else:
             stacked = torch.stack(latents).float()
         cond = Conditioning.cat([self._text[c] for c in captions]) if self._text else None
-        return MicroBatch(stacked, captions, sizes, cond)
+        global_count = len(everyone) if self.world.distributed else 0
+        return MicroBatch(stacked, captions, sizes, cond, global_count, offset)

@@ -93,6 +93,10 @@ class TrainConfig:
                                group="network")
     conv_alpha: float | None = _f(None, "Alpha of 3x3 ResNet convs; default: lora_alpha.", min=0.0, max=4096,
                                   group="network")
+    dynamic_rank: float | None = _f(None, "Rank chosen per module at every save: train at lora_rank, then keep in "
+                                    "each module the smallest rank holding this share of its update's singular-value "
+                                    "energy (0.9-0.99; lora/locon). Smaller files; resuming continues at lora_rank. "
+                                    "None: off.", min=0.1, max=1.0, group="network")
     # RUF009: `_f` returns a dataclasses.field (a default_factory for lists), so no instance is shared.
     target_modules: list[str] | None = _f(None, "Only adapt modules whose names end with these (e.g. [to_q, to_v]); "  # noqa: RUF009
                                           "default: kohya's targets.", group="network")
@@ -184,6 +188,10 @@ class TrainConfig:
         if unknown:
             found.append(ConfigError(f"`auto` may only hold {list(PLANNABLE)} (got {unknown}): remove "
                                      f"{', '.join(unknown)} from it", key="auto", value=unknown, allowed=PLANNABLE))
+        if self.dynamic_rank is not None and self.network_type in ("loha", "lokr"):
+            found.append(ConfigError(f"`dynamic_rank` cuts the rank of lora/locon modules; a {self.network_type} "
+                                     "update is no up·down product to cut. Set network_type lora or locon, or remove "
+                                     "dynamic_rank", key="dynamic_rank", value=self.dynamic_rank))
         if self.random_crop and self.cache_latents:
             found.append(ConfigError("`random_crop` cannot be combined with `cache_latents` (a cached latent has one "
                                      "fixed crop); set cache_latents: false or random_crop: false", key="random_crop",

@@ -17,6 +17,7 @@ import torch
 
 from .checkpointing import gradient_checkpointing
 from .config import TrainConfig
+from .distributed import broadcast_parameters, sum_gradients, sum_scalar
 from .errors import NonFiniteLossError, TrainingInterrupted
 from .loss import LossSettings, diffusion_loss, draw_noise
 from .memory import OomRecovery
@@ -143,6 +144,7 @@ def train(bundle: ModelBundle, batches: BatchMaker, config: TrainConfig, sink: P
     with Network(bundle, spec) as network:
         if initial_lora is not None:
             network.load_state_dict(initial_lora)
+        broadcast_parameters(network.parameters(), batches.world)  # every rank starts from rank 0's adapters
         optimizer = build_optimizer(config.optimizer, _param_groups(network, config), config.learning_rate,
                                     config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
@@ -234,17 +236,26 @@ def _optimizer_step(bundle: ModelBundle, batches: BatchMaker, schedule: Schedule
     total_loss = 0.0
     for batch_index in indices:
         micro = batches.micro_batch(epoch, batch_index)
+        n = len(micro.captions)
+        if n == 0:  # this rank's slice of a small global micro-batch is empty
+            continue
         generator = torch.Generator().manual_seed(micro_batch_seed(config.seed, epoch, batch_index))
-        draw = draw_noise(micro.latents.shape, generator, settings, len(bundle.alphas_cumprod))
-        n = micro.latents.shape[0]
+        # The noise of the whole (global) micro-batch, then this rank's slice: every process draws what one process
+        # training the global batch would draw for these samples.
+        shape = (micro.total, *micro.latents.shape[1:])
+        draw = draw_noise(shape, generator, settings, len(bundle.alphas_cumprod))[micro.offset : micro.offset + n]
         for lo in range(0, n, batches.chunk_size or n):
             hi = min(n, lo + (batches.chunk_size or n))
-            weight = (hi - lo) / n / len(indices)
+            weight = (hi - lo) / micro.total / len(indices)
             with _autocast(bundle, config):
                 cond = micro.conditioning(bundle, slice(lo, hi))
                 loss = diffusion_loss(bundle, micro.latents[lo:hi], cond, draw[lo:hi], settings, micro.sizes[lo:hi])
             scaler.scale(loss * weight).backward()
             total_loss += loss.item() * weight
+    world = batches.world
+    if world.distributed:  # each rank holds its weighted share: the sums are the global batch's mean
+        sum_gradients(params, world)
+        total_loss = sum_scalar(total_loss, world, bundle.device)
     if config.max_grad_norm:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 from .config import TrainConfig
 from .families import Family
@@ -27,8 +29,23 @@ class RunInfo:
     dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
     bucket_info: dict = field(default_factory=dict)
     model_name: str = ""
+    model_hash: str = ""  # `quick_model_hash` of the base checkpoint file, when the host knows the file
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     changes: list[str] = field(default_factory=list)  # automatic adjustments made during the run (OOM ladder …)
+
+
+def quick_model_hash(path: str | Path | None) -> str:
+    """The short checkpoint hash kohya writes as `ss_sd_model_hash` and older A1111 showed as the model hash: SHA-256
+    of the 64 KiB at offset 1 MiB, first 8 hex digits. Reads 64 KiB, so it costs nothing even for a 20 GB file. Empty
+    when there is no such file."""
+    if not path:
+        return ""
+    try:
+        with Path(path).open("rb") as fh:
+            fh.seek(0x100000)
+            return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+    except OSError:
+        return ""
 
 
 # Config values that are paths on the trainer's machine: a shared LoRA keeps only their last part.
@@ -61,6 +78,7 @@ def build_metadata(*, family: Family, spec: NetworkSpec, run: RunInfo, config: T
         "ss_training_finished_at": finished,
         "ss_output_name": name,
         "ss_sd_model_name": run.model_name or None,
+        "ss_sd_model_hash": run.model_hash or None,
         "ss_base_model_version": family.ss_base_model_version,
         "ss_v2": family.is_v2,
         "ss_v_parameterization": v_pred,

@@ -18,6 +18,7 @@ from .metadata import RunInfo, build_metadata
 from .network import Network, NetworkSpec
 from .plot import image_grid, to_pil
 from .progress import ProgressSink
+from .resize import prune_to_energy
 from .sampling import sample_images
 
 
@@ -59,7 +60,11 @@ class PeriodicSaver:
                               trigger_words=[c.trigger_word] if c.trigger_word else None,
                               prediction_type=self.bundle.prediction_type)
         path = self.lora_path(f"{c.output_name}-step{step:06d}")
-        self.saved.append(save_lora(path, network.state_dict(SAVE_DTYPES[c.save_precision]), meta, overwrite=True))
+        tensors = network.state_dict(SAVE_DTYPES[c.save_precision])
+        if c.dynamic_rank:  # each save point gets its own ranks; training goes on at lora_rank
+            pruned = prune_to_energy(tensors, meta, c.dynamic_rank)
+            tensors, meta = pruned.tensors, pruned.metadata
+        self.saved.append(save_lora(path, tensors, meta, overwrite=True))
         while c.save_last_n and len(self.saved) > c.save_last_n:
             self.saved.pop(0).unlink(missing_ok=True)
         if self.after_save is not None:

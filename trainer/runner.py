@@ -19,9 +19,11 @@ from .bundle import ModelBundle
 from .bundles.diffusers_bundle import DiffusersBundle
 from .config import TrainConfig
 from .data import LatentCache, TrainDataset, format_bucket_table
+from .distributed import World, process_group
 from .loop import TrainResult
 from .lorafile import atomic_write, save_lora
 from .memory import release_memory
+from .metadata import quick_model_hash
 from .network import Network, NetworkSpec
 from .plot import image_grid, loss_curve, to_pil
 from .progress import NullSink, ProgressSink
@@ -187,8 +189,24 @@ def plan_memory(config: TrainConfig, dataset: TrainDataset, bundle: ModelBundle 
 
 def run(config: TrainConfig, sink: ProgressSink | None = None, *, bundle: ModelBundle | None = None,
         resume_state: Path | None = None, samples: bool = True) -> RunOutputs:
-    """Train as `config` says and write the outputs into `config.output_dir`."""
-    sink = sink or NullSink()
+    """Train as `config` says and write the outputs into `config.output_dir`.
+
+    Under `torchrun` every process calls this: they join one process group, each trains its slice of every global
+    micro-batch on its own device (`distributed.py`), and rank 0 alone reports, samples and writes files.
+    """
+    world = World.from_env()
+    with process_group(world):
+        if not world.is_main:
+            sink = NullSink()
+            samples = False
+            # Step saves, sample grids and TensorBoard are rank 0's; the training itself is the same on every rank.
+            config = replace(config, save_every_n_steps=None, save_every_n_epochs=None, sample_every_n_steps=None,
+                             logging_dir=None)
+        return _run(config, sink or NullSink(), world, bundle=bundle, resume_state=resume_state, samples=samples)
+
+
+def _run(config: TrainConfig, sink: ProgressSink, world: World, *, bundle: ModelBundle | None,
+         resume_state: Path | None, samples: bool) -> RunOutputs:
     config.validate()
     folder = Path(config.output_dir)
     name = config.output_name
@@ -201,22 +219,26 @@ def run(config: TrainConfig, sink: ProgressSink | None = None, *, bundle: ModelB
     dataset = TrainDataset.from_options(dataset_options(config), seed=config.seed)
     sink.status(f"{len(dataset.records)} images, {len(dataset)} samples per epoch; buckets:\n"
                 + format_bucket_table(dataset.bucket_counts()))
-    plan = plan_memory(config, dataset, bundle, sink)
+    if world.distributed:
+        sink.status(f"{world.size} processes: {config.batch_size} samples each per micro-batch, "
+                    f"{config.batch_size * world.size * config.accumulation_steps} per optimizer step")
+    plan = plan_memory(config, dataset, bundle, sink)  # per process: batch_size is per GPU
     if plan is not None:
         config, dataset = apply_plan(plan, config, dataset)
-    device = training_device()
+    device = world.device() if world.distributed else training_device()
     staged = bundle is None and device.type != "cpu"  # a bundle we load ourselves: encode before the UNet moves in
     if bundle is None:
         sink.status(f"loading {config.base_model}")
         bundle = load_bundle(config, device="cpu" if staged else device)
     session = TrainingSession(bundle, config, dataset, sink, SessionHooks(
         lora_path=lambda stem: folder / f"{stem}.safetensors", find_lora=lambda value: find_lora_file(value, [folder]),
-        samples_dir=folder / "samples"))
+        samples_dir=folder / "samples", save_on_cancel=world.is_main))
+    session.run.model_hash = quick_model_hash(config.base_model)
     state = None
     if resume_state is not None:
         state = TrainState.load(resume_state)
         state.check_compatible(config, resume_state)
-    cache_dir = folder / ".latent_cache"
+    cache_dir = folder / ".latent_cache" if world.is_main else None  # one writer of the on-disk cache
     if staged:
         cache_batch = plan.shape.cache_batch_size if plan else config.batch_size
         batches = encode_then_load_unet(bundle, dataset, config, sink, device, cache_dir,  # type: ignore[arg-type]
@@ -224,12 +246,15 @@ def run(config: TrainConfig, sink: ProgressSink | None = None, *, bundle: ModelB
                                         offload_encoders=plan.shape.offload_encoders if plan else True)
     else:
         batches = prepare_batches(bundle, dataset, config, sink, cache_dir=cache_dir)
+    batches.set_world(world)
     if plan is not None:
         batches.chunk_size = plan.chunk_size
     before = None
     if samples and config.sample_prompts:
         before = sample_grid(bundle, config.sample_prompts, config, None, None)
     result = session.train(batches, resume=state)
+    if not world.is_main:
+        return RunOutputs(None, None, None, None, None, result)
     spec = session.spec
     # The YAML is the config as the run ended: a resume of its state needs the OOM ladder's optimizer and rank.
     paths = write_outputs(result, result.config or config, folder, name,
@@ -242,4 +267,3 @@ def run(config: TrainConfig, sink: ProgressSink | None = None, *, bundle: ModelB
         samples_path = atomic_write(folder / f"{name}_samples.png", lambda tmp: grid.save(tmp, format="PNG"),
                                     overwrite=True)
     return RunOutputs(paths["lora"], paths["config"], paths["loss_plot"], samples_path, state_path, result)
-

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from .metadata import RunInfo
 from .network import NetworkSpec, spec_from_state_dict
 from .periodic import PeriodicSaver
 from .progress import ProgressSink
+from .resize import prune_to_energy
 from .state import TrainState
 
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
@@ -92,6 +93,15 @@ def initial_lora(config: TrainConfig,
     return spec_from_state_dict(tensors, spec, metadata), tensors
 
 
+def spec_of(state: dict[str, torch.Tensor], base: NetworkSpec, metadata: dict[str, str]) -> NetworkSpec:
+    """The spec that loads `state` exactly: its rank and alpha pinned for every module (a module whose rank equals
+    the most common one would otherwise take `base`'s conv_rank)."""
+    spec = spec_from_state_dict(state, base, metadata)
+    stems = {k.split(".", 1)[0] for k in state}
+    return replace(spec, rank_by_module={s: spec.rank_by_module.get(s, spec.rank) for s in stems},
+                   alpha_by_module={s: spec.alpha_by_module.get(s, spec.alpha) for s in stems})
+
+
 def run_info(dataset: TrainDataset, model_name: str) -> RunInfo:
     """The dataset facts kohya's metadata records (`ss_tag_frequency`, `ss_dataset_dirs`, `ss_bucket_info`)."""
     return RunInfo(model_name=model_name, num_images=len(dataset.records), tag_frequency=tag_frequency(dataset.records),
@@ -143,13 +153,28 @@ class TrainingSession:
                                    steps_per_epoch=schedule.steps_per_epoch, lora_path=hooks.lora_path,
                                    samples_dir=hooks.samples_dir, sampling=hooks.sampling, after_save=hooks.after_save)
         try:
-            return train(self.bundle, batches, config, self.sink, spec=self.spec, initial_lora=self.initial,
-                         resume=resume, run=self.run, on_step_end=self.saver)
+            result = train(self.bundle, batches, config, self.sink, spec=self.spec, initial_lora=self.initial,
+                           resume=resume, run=self.run, on_step_end=self.saver)
         except TrainingInterrupted as stop:
-            stop.saved = self._save_cancelled(getattr(stop, "result", None))  # type: ignore[attr-defined]
+            stop.saved = self._save_cancelled(self.cut_ranks(getattr(stop, "result", None)))  # type: ignore[attr-defined]
             raise
         except OOM_ERRORS as err:
             raise oom_error(err, config, self.bundle.device) from err
+        return self.cut_ranks(result)
+
+    def cut_ranks(self, result: TrainResult | None) -> TrainResult | None:
+        """With `dynamic_rank`, the LoRA as saved: each module cut to the rank that holds that share of its energy.
+
+        The result's tensors, metadata and spec (and `self.spec`, which previews load the LoRA with) then describe the
+        smaller LoRA; its `train_state` keeps the full-rank adapters, so a resumed run goes on at lora_rank.
+        """
+        if result is None or not self.config.dynamic_rank:
+            return result
+        pruned = prune_to_energy(result.state_dict, result.metadata, self.config.dynamic_rank)
+        result.state_dict, result.metadata = pruned.tensors, pruned.metadata
+        result.spec = self.spec = spec_of(pruned.tensors, result.spec, pruned.metadata)
+        self.sink.status(f"dynamic_rank {self.config.dynamic_rank:g}: " + pruned.report.summary().split("\n", 1)[1])
+        return result
 
     def write(self, stem: str, result: TrainResult) -> Path:
         """Write `result` as the LoRA `stem` the host's way, then tell the host."""

@@ -1,4 +1,7 @@
-"""The bundled demo: a small generated dataset and a config that trains the tiny model on a CPU in about a minute."""
+"""The bundled demo: `builtin:demo-base` (base/, built by build_base.py) learns the `zqx` concept of concept/ on a CPU.
+
+dataset/ holds the older 12 flat-shape images that tests train the tiny random models on; generate.py draws both.
+"""
 
 from pathlib import Path
 

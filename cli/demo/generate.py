@@ -1,4 +1,8 @@
-"""Regenerate the demo dataset (`python -m loraloop.cli.demo.generate`): simple shapes with captions in metadata.csv.
+"""Regenerate the demo's datasets (`python -m loraloop.cli.demo.generate`), images with captions in metadata.csv:
+
+- `dataset/`: 12 flat shapes in three sizes and aspect ratios (what the tests train the tiny random models on);
+- `concept/`: the `zqx` concept `loraloop demo` teaches `builtin:demo-base` (scenes.py: a teal-to-mint gradient
+  background and a hot-pink shape, which the base model never saw), every shape at every position.
 
 The images are drawn, not downloaded, so the repo can ship them; the script stays so anyone can rebuild them.
 """
@@ -10,6 +14,8 @@ import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .scenes import POSITIONS, SHAPES, concept_scene, render
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (235, 200, 30),
           "purple": (140, 50, 170), "orange": (240, 130, 20)}
@@ -33,12 +39,10 @@ def draw(index: int, rng: random.Random) -> tuple[Image.Image, str]:
     return img, f"flat style, a {fg} {shape} on a {bg} background"
 
 
-def main(folder: Path = Path(__file__).parent / "dataset") -> None:
+def _write(folder: Path, items: list[tuple[Image.Image, str]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(7)
     rows = []
-    for i in range(len(SIZES)):
-        img, caption = draw(i, rng)
+    for i, (img, caption) in enumerate(items):
         name = f"img_{i + 1:03d}.png"
         img.save(folder / name, optimize=True)
         rows.append((name, caption))
@@ -46,6 +50,22 @@ def main(folder: Path = Path(__file__).parent / "dataset") -> None:
         writer = csv.writer(fh)
         writer.writerow(["filename", "prompt"])
         writer.writerows(rows)
+
+
+def concept_items(seed: int = 11) -> list[tuple[Image.Image, str]]:
+    rng = random.Random(seed)
+    items = []
+    for shape in SHAPES:
+        for position in POSITIONS:
+            scene, caption = concept_scene(shape, position, rng)
+            items.append((render(scene), caption))
+    return items
+
+
+def main(root: Path = Path(__file__).parent) -> None:
+    rng = random.Random(7)
+    _write(root / "dataset", [draw(i, rng) for i in range(len(SIZES))])
+    _write(root / "concept", concept_items())
 
 
 if __name__ == "__main__":

@@ -153,8 +153,12 @@ class ComfyServer:
             raise ComfyError(f"prompt refused: {json.dumps(answer['node_errors'])[:4000]}")
         return answer["prompt_id"]
 
-    def wait(self, prompt_id: str, timeout: float = 1800.0, poll: float = 0.5) -> dict:
-        """The /history entry once the prompt is done; raises ComfyError with the node's exception if it failed."""
+    def wait(self, prompt_id: str, timeout: float = 1800.0, poll: float = 0.5, *,
+             interrupted_ok: bool = False) -> dict:
+        """The /history entry once the prompt is done; raises ComfyError with the node's exception if it failed.
+
+        `interrupted_ok`: a prompt stopped by /interrupt (ComfyUI records it as status "error" with an
+        `execution_interrupted` message and no `execution_error`) is returned instead of raised."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -162,6 +166,8 @@ class ComfyServer:
             entry = self.get(f"/history/{prompt_id}").get(prompt_id)
             if entry and entry.get("status", {}).get("completed") is not None and (
                     entry["status"]["completed"] or entry["status"].get("status_str") == "error"):
+                if interrupted_ok and interrupted(entry):
+                    return entry
                 if entry["status"].get("status_str") == "error":
                     errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
                     raise ComfyError(f"prompt failed: {json.dumps(errors)[:6000]}\n{self.log_tail()}")
@@ -213,6 +219,17 @@ def execution_seconds(entry: dict) -> float:
     """Time from execution_start to execution_success of a /history entry (server-side timestamps, ms)."""
     stamps = {m[0]: m[1].get("timestamp") for m in entry["status"]["messages"]}
     return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
+
+
+def message_kinds(entry: dict) -> list[str]:
+    """The kinds of a /history entry's status messages in order (execution_start, execution_cached, …)."""
+    return [kind for kind, _ in entry.get("status", {}).get("messages", [])]
+
+
+def interrupted(entry: dict) -> bool:
+    """The prompt ended by /interrupt (Cancel in the UI), not by a node's error."""
+    kinds = message_kinds(entry)
+    return "execution_interrupted" in kinds and "execution_error" not in kinds
 
 
 def cached_nodes(entry: dict) -> set[str]:
@@ -343,6 +360,12 @@ class EventListener:
         with self._lock:
             return [(t, cpu, d["value"]) for t, cpu, kind, d in self.events
                     if kind == "progress" and d.get("prompt_id") == prompt_id and d.get("node") == node]
+
+    def loss_steps(self, node: str) -> list[int]:
+        """The completed training steps that TrainLoRA `node` reported so far (its `loraloop.loss` events)."""
+        with self._lock:
+            return [d["step"] for _, _, kind, d in self.events
+                    if kind == "loraloop.loss" and isinstance(d, dict) and d.get("node") == node and "step" in d]
 
     def close(self) -> None:
         try:

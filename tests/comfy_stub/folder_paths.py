@@ -5,12 +5,13 @@ import os
 folder_names_and_paths = {}
 filename_list_cache = {}
 supported_pt_extensions = {".ckpt", ".pt", ".bin", ".pth", ".safetensors"}
-base_path = output_directory = input_directory = None
+base_path = output_directory = input_directory = models_dir = None
 
 
 def set_base(path):
-    global base_path, output_directory, input_directory
+    global base_path, output_directory, input_directory, models_dir
     base_path = str(path)
+    models_dir = os.path.join(base_path, "models")
     input_directory = os.path.join(base_path, "input")
     output_directory = os.path.join(base_path, "output")
     folder_names_and_paths.clear()

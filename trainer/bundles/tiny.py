@@ -1,7 +1,8 @@
 """Tiny SD1-style and SDXL-style models built from configs with seeded random weights.
 
 They have the real architecture (same module names, same conditioning plumbing, the real CLIP tokenizer) at a size that
-trains in seconds on a CPU: for the tests, the demo, and `base_model: builtin:tiny-sd1` / `builtin:tiny-sdxl`.
+trains in seconds on a CPU: for the tests and `base_model: builtin:tiny-sd1` / `builtin:tiny-sdxl`. Their samples are
+noise; `builtin:demo-base` (bundles/demo.py, trained weights) is the small model that draws, for the demo.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..tokenizer import load_clip_tokenizer
 from .diffusers_bundle import DiffusersBundle
 
 TINY_MODELS = ("tiny-sd1", "tiny-sd1-v", "tiny-sdxl")
+BUILTIN_MODELS = (*TINY_MODELS, "demo-base")
 _TE_WIDTH = 32
 
 
@@ -54,11 +56,16 @@ def _unet(sdxl: bool):  # noqa: ANN202
 
 
 def build_tiny_bundle(name: str, seed: int = 0) -> DiffusersBundle:
-    """The tiny model called `name` (one of TINY_MODELS), identical for the same seed, without touching global RNG."""
+    """The built-in model called `name` (one of BUILTIN_MODELS). The tiny ones are identical for the same seed and
+    built without touching the global RNG; `demo-base` is loaded from its shipped weights (`seed` does not apply)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    if name == "demo-base":
+        from .demo import build_demo_bundle  # imported here: it loads diffusers, which importing tiny.py must not
+
+        return build_demo_bundle()
     if name not in TINY_MODELS:
-        msg = f"unknown built-in model {name!r}; built-in models: {', '.join('builtin:' + n for n in TINY_MODELS)}"
+        msg = f"unknown built-in model {name!r}; built-in models: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}"
         raise UnsupportedModelError(msg)
     sdxl = name == "tiny-sdxl"
     with torch.random.fork_rng(devices=[]):

@@ -48,6 +48,9 @@ OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 log = logging.getLogger(__name__)
 
 LADDER = ("chunk", "gradient_checkpointing", "cache", "optimizer", "bucket", "rank")
+# With several processes only one rank may run out of memory: it may change how it computes, never what (a changed
+# optimizer, bucket or rank on one rank alone would make the ranks' adapters diverge).
+PER_RANK_LADDER = ("chunk", "gradient_checkpointing", "cache")
 BUCKET_FACTOR = 0.75
 BUCKET_FLOOR = 0.5  # never below half the original largest latent area
 # Retries of one step: every rung of the ladder, each possibly several times (chunk halvings, bucket and rank steps).
@@ -143,7 +146,8 @@ class OomRecovery:
                params: list | None = None) -> Adjustment:
         """Pull the next lever that can still change something; raise `OutOfMemoryGiveUp` when none is left."""
         release_memory()
-        for rung in LADDER:
+        world = getattr(self.batches, "world", None)
+        for rung in PER_RANK_LADDER if world is not None and world.distributed else LADDER:
             adjustment = getattr(self, f"_rung_{rung}")(step, cause, optimizer, params)
             if adjustment is not None:
                 self.adjustments.append(adjustment)

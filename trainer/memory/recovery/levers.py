@@ -46,7 +46,8 @@ def cap_batches(batches: object, max_area: int, multiple: int) -> Callable[[], N
 
     def capped(epoch: int, batch_index: int):  # noqa: ANN202 - MicroBatch
         micro = base(epoch, batch_index)
-        micro.latents, micro.sizes = downscale_latents(micro.latents, micro.sizes, max_area, multiple)
+        if micro.captions:  # a rank's slice of a small global micro-batch may be empty
+            micro.latents, micro.sizes = downscale_latents(micro.latents, micro.sizes, max_area, multiple)
         return micro
 
     capped.__wrapped__ = base  # type: ignore[attr-defined]

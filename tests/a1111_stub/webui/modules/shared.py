@@ -6,7 +6,7 @@ In the webui `sd_model` is a property that loads the checkpoint on first access;
 from pathlib import Path
 from types import SimpleNamespace
 
-from modules import options, paths_internal, shared_state
+from modules import interrogate, options, paths_internal, shared_state
 
 cmd_opts = SimpleNamespace(
     lora_dir=str(Path(paths_internal.models_path) / "Lora"),  # added by extensions-builtin/Lora/preload.py
@@ -26,8 +26,11 @@ opts = options.Options({
     "live_previews_enable": True,
     "memmon_poll_rate": 0,
     "profiling_enable": False,
+    "interrogate_keep_models_in_memory": False,  # shared_options.py:260
+    "interrogate_deepbooru_score_threshold": 0.5,
 })
 state = shared_state.State()
+interrogator = interrogate.InterrogateModels("interrogate")  # shared_init.py:52 sets it at start-up
 sd_model = None
 demo = None
 parallel_processing_allowed = True
