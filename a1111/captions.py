@@ -24,7 +24,6 @@ from ..trainer.captioner import CaptionTarget, format_caption, plan_targets, wri
 from ..trainer.data import DatasetOptions, load_rgb, scan_dataset
 from ..trainer.data.captions import contains_trigger
 from ..trainer.errors import ConfigError
-from ..trainer.lorafile import atomic_write
 
 PREVIEW_ROWS = 30
 
@@ -71,25 +70,11 @@ class CaptionChange:
 
 
 def plan_captions(options: DatasetOptions, edit: CaptionEdit) -> list[CaptionChange]:
-    """The edit applied to every usable image of the dataset (nothing is written)."""
-    scan = scan_dataset(options)
-    extension = options.caption_extensions[0]
-    sidecar_names = set(options.caption_extensions)
-    changes = []
-    for record in scan.records:
-        after = edit.apply(record.caption, options.trigger_word)
-        source = record.caption_source
-        from_sidecar = source is not None and any(source == record.path.stem + ext for ext in sidecar_names)
-        if source is not None and not from_sidecar:
-            changes.append(CaptionChange(record.path, record.caption, after, None,
-                                         f"its caption comes from {source}; edit that file"))
-        elif source is None and scan.metadata_files:
-            changes.append(CaptionChange(record.path, record.caption, after, None,
-                                         f"a metadata file ({scan.metadata_files[0].name}) is in use; edit it"))
-        else:
-            changes.append(CaptionChange(record.path, record.caption, after,
-                                         record.path.with_name(record.path.stem + extension)))
-    return changes
+    """The edit applied to every usable image of the dataset (nothing is written). Which images get a sidecar is the
+    engine's one rule (`captioner.plan_targets`): not those whose caption comes from a metadata file."""
+    return [CaptionChange(t.image, t.record.caption, edit.apply(t.record.caption, options.trigger_word), t.sidecar,
+                          t.note)
+            for t in plan_targets(scan_dataset(options), options)]
 
 
 def preview_text(changes: list[CaptionChange], root: Path | None = None, limit: int = PREVIEW_ROWS) -> str:
@@ -116,9 +101,8 @@ def write_captions(changes: list[CaptionChange]) -> tuple[list[Path], list[Capti
         if change.sidecar is None:
             skipped.append(change)
             continue
-        text = change.after + "\n"
-        written.append(atomic_write(change.sidecar, lambda tmp, t=text: tmp.write_text(t, encoding="utf-8"),
-                                    overwrite=True))
+        write_caption(change.sidecar, change.after, overwrite=True)
+        written.append(change.sidecar)
     return written, skipped
 
 

@@ -29,7 +29,7 @@ from ..trainer.data import format_bucket_table
 from ..trainer.errors import TrainingInterrupted
 from ..trainer.loop import TrainResult
 from ..trainer.metadata import quick_model_hash
-from ..trainer.network import Network, NetworkSpec
+from ..trainer.network import NetworkSpec, applied_lora
 from ..trainer.plot import loss_curve, to_pil
 from ..trainer.runner import apply_plan, prepare_batches
 from ..trainer.sampling import sample_latents
@@ -117,8 +117,7 @@ def _final_preview(bundle: ComfyBundle, config: TrainConfig, result: TrainResult
     if steps <= 0 or not config.sample_prompts:
         return loss_curve(result.losses, title=f"{config.output_name}: loss")
     sink.status(f"sampling the preview ({steps} steps, cfg {config.sample_cfg:g})")
-    with _trainable(bundle), torch.no_grad(), Network(bundle, replace(spec, train_unet=True)) as network:
-        network.load_state_dict({k: v.float() for k, v in result.state_dict.items()})
+    with _trainable(bundle), torch.no_grad(), applied_lora(bundle, spec, result.state_dict):
         latents = sample_latents(bundle, config.sample_prompts[:1], height=config.resolution, width=config.resolution,
                                  steps=steps, cfg=config.sample_cfg, seed=config.seed, on_step=sink.sampling_step)
     bundle.preview_decode = False

@@ -56,7 +56,7 @@ class MicroBatch:
     captions: list[str]
     sizes: list[SizeInfo]
     cond: Conditioning | None = None  # cached text conditioning (CPU), when the text encoders are frozen
-    global_count: int = 0  # samples of the global micro-batch (0: this one, a single process)
+    global_count: int = 0  # samples of the global micro-batch across all ranks (0: just these)
     offset: int = 0
 
     @property
@@ -117,12 +117,6 @@ class BatchMaker:
                     self._text[caption] = cond[i : i + 1]
         log.info("cached text conditioning of %d distinct captions", len(captions))
 
-    def set_world(self, world: World) -> None:
-        """Train as one of `world`'s processes: micro-batches become global and this process takes its slice."""
-        self.world = world
-        self.batches_per_epoch = len(self.dataset.epoch_batches(0, self.global_batch_size))
-        self._order = None
-
     @property
     def global_batch_size(self) -> int:
         """Samples per micro-batch over all processes."""
@@ -165,5 +159,4 @@ class BatchMaker:
         else:
             stacked = torch.stack(latents).float()
         cond = Conditioning.cat([self._text[c] for c in captions]) if self._text else None
-        global_count = len(everyone) if self.world.distributed else 0
-        return MicroBatch(stacked, captions, sizes, cond, global_count, offset)
+        return MicroBatch(stacked, captions, sizes, cond, len(everyone), offset)

@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -247,6 +249,14 @@ class Network:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+@contextlib.contextmanager
+def applied_lora(bundle: ModelBundle, spec: NetworkSpec, tensors: dict[str, torch.Tensor]) -> Iterator[Network]:
+    """A trained LoRA (kohya tensors) applied to `bundle` for sampling; the bundle is restored on exit."""
+    with Network(bundle, replace(spec, train_unet=True)) as network:
+        network.load_state_dict({k: v.float() for k, v in tensors.items()})
+        yield network
 
 
 def _export_layer(network_type: str, layer: nn.Module) -> dict[str, torch.Tensor]:

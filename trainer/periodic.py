@@ -19,7 +19,7 @@ from .network import Network, NetworkSpec
 from .plot import image_grid, to_pil
 from .progress import ProgressSink
 from .resize import prune_to_energy
-from .sampling import sample_images
+from .sampling import sample_images, sample_settings
 
 
 class PeriodicSaver:
@@ -73,8 +73,7 @@ class PeriodicSaver:
     def _sample(self, step: int) -> None:
         c = self.config
         with self.sampling():
-            images = to_pil(sample_images(self.bundle, c.sample_prompts, height=c.resolution, width=c.resolution,
-                                          steps=c.sample_steps, cfg=c.sample_cfg, seed=c.seed))
+            images = to_pil(sample_images(self.bundle, c.sample_prompts, **sample_settings(c)))
         grid = image_grid([images], [f"step {step}"])
         if self.samples_dir is not None:
             atomic_write(self.samples_dir / f"{c.output_name}_step{step:06d}.png",

@@ -19,15 +19,15 @@ from .bundle import ModelBundle
 from .bundles.diffusers_bundle import DiffusersBundle
 from .config import TrainConfig
 from .data import LatentCache, TrainDataset, format_bucket_table
-from .distributed import World, process_group
+from .distributed import SINGLE, World, process_group
 from .loop import TrainResult
 from .lorafile import atomic_write, save_lora
 from .memory import release_memory
 from .metadata import quick_model_hash
-from .network import Network, NetworkSpec
+from .network import NetworkSpec, applied_lora
 from .plot import image_grid, loss_curve, to_pil
 from .progress import NullSink, ProgressSink
-from .sampling import sample_images
+from .sampling import sample_images, sample_settings
 from .session import SessionHooks, TrainingSession, find_lora_file
 from .state import TrainState
 
@@ -72,12 +72,13 @@ def load_bundle(config: TrainConfig, device: torch.device | str | None = None) -
 
 def prepare_batches(bundle: ModelBundle, dataset: TrainDataset, config: TrainConfig, sink: ProgressSink,
                     cache_dir: Path | None = None, *, cache_batch_size: int | None = None,
-                    offload_encoders: bool = True) -> BatchMaker:
+                    offload_encoders: bool = True, world: World = SINGLE) -> BatchMaker:
     """Encode latents (and text, when `caches_text` allows) up front, as the config asks.
 
     Args:
         cache_batch_size: images the VAE encodes at once (default: `batch_size`; the memory plan says 1).
         offload_encoders: afterwards move the encoders the caches made idle off an accelerator (bundles that can).
+        world: the training processes (`distributed.py`); this one trains its slice of every global micro-batch.
 
     Raises:
         TrainingInterrupted: the sink asked to stop while latents were being cached.
@@ -92,7 +93,7 @@ def prepare_batches(bundle: ModelBundle, dataset: TrainDataset, config: TrainCon
     cache_text = caches_text(config, dataset)
     if cache_text:
         sink.status("caching text conditioning")
-    batches = BatchMaker(bundle, dataset, config, latent_cache=cache, cache_text=cache_text)
+    batches = BatchMaker(bundle, dataset, config, latent_cache=cache, cache_text=cache_text, world=world)
     offload = getattr(bundle, "offload", None)
     if offload_encoders and offload is not None and bundle.device.type != "cpu":  # room for activations
         offload(vae=cache is not None, text_encoders=cache_text)
@@ -101,7 +102,7 @@ def prepare_batches(bundle: ModelBundle, dataset: TrainDataset, config: TrainCon
 
 def encode_then_load_unet(bundle: DiffusersBundle, dataset: TrainDataset, config: TrainConfig, sink: ProgressSink,
                           device: torch.device, cache_dir: Path | None = None, *, cache_batch_size: int = 1,
-                          offload_encoders: bool = True) -> BatchMaker:
+                          offload_encoders: bool = True, world: World = SINGLE) -> BatchMaker:
     """A standalone run on an accelerator: cache with only the encoders on `device`, then bring in the UNet.
 
     The memory plan assumes this order (`RunShape.cache_with_unet_resident` is False): at SDXL 1024 the fp16 UNet
@@ -115,7 +116,7 @@ def encode_then_load_unet(bundle: DiffusersBundle, dataset: TrainDataset, config
     """
     bundle.place(device, vae=config.cache_latents, text_encoders=caches_text(config, dataset))
     batches = prepare_batches(bundle, dataset, config, sink, cache_dir, cache_batch_size=cache_batch_size,
-                              offload_encoders=False)
+                              offload_encoders=False, world=world)
     # The loop runs an encoder every step when its outputs are not cached (or a text encoder is trained).
     vae_on_device = batches.latent_cache is None or not offload_encoders
     text_on_device = not batches.text_cached or config.train_text_encoder or not offload_encoders
@@ -140,13 +141,11 @@ def apply_plan(plan: Plan, config: TrainConfig, dataset: TrainDataset,
 def sample_grid(bundle: ModelBundle, prompts: list[str], config: TrainConfig, lora: dict[str, torch.Tensor] | None,
                 spec: NetworkSpec | None) -> list:
     """Sample images for `prompts` without (lora None) or with the LoRA applied; the bundle is restored after."""
-    kwargs = {"height": config.resolution, "width": config.resolution, "steps": config.sample_steps,
-              "cfg": config.sample_cfg, "seed": config.seed}
+    settings = sample_settings(config)
     if lora is None or spec is None:
-        return to_pil(sample_images(bundle, prompts, **kwargs))
-    with Network(bundle, replace(spec, train_unet=True)) as network:
-        network.load_state_dict({k: v.float() for k, v in lora.items()})
-        return to_pil(sample_images(bundle, prompts, **kwargs))
+        return to_pil(sample_images(bundle, prompts, **settings))
+    with applied_lora(bundle, spec, lora):
+        return to_pil(sample_images(bundle, prompts, **settings))
 
 
 def write_outputs(result: TrainResult, config: TrainConfig, folder: Path, name: str, *, overwrite: bool) -> dict:
@@ -243,10 +242,10 @@ def _run(config: TrainConfig, sink: ProgressSink, world: World, *, bundle: Model
         cache_batch = plan.shape.cache_batch_size if plan else config.batch_size
         batches = encode_then_load_unet(bundle, dataset, config, sink, device, cache_dir,  # type: ignore[arg-type]
                                         cache_batch_size=cache_batch,
-                                        offload_encoders=plan.shape.offload_encoders if plan else True)
+                                        offload_encoders=plan.shape.offload_encoders if plan else True,
+                                        world=world)
     else:
-        batches = prepare_batches(bundle, dataset, config, sink, cache_dir=cache_dir)
-    batches.set_world(world)
+        batches = prepare_batches(bundle, dataset, config, sink, cache_dir=cache_dir, world=world)
     if plan is not None:
         batches.chunk_size = plan.chunk_size
     before = None

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from .bundle import ModelBundle, SizeInfo
+from .config import TrainConfig
 
 
 def _eps_and_x0(pred: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
@@ -52,6 +53,12 @@ def sample_latents(bundle: ModelBundle, prompts: list[str], *, height: int, widt
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     return x
+
+
+def sample_settings(config: TrainConfig) -> dict:
+    """The sampler settings of a run's sample images (`sample_steps`, `sample_cfg`, its resolution and seed)."""
+    return {"height": config.resolution, "width": config.resolution, "steps": config.sample_steps,
+            "cfg": config.sample_cfg, "seed": config.seed}
 
 
 def sample_images(bundle: ModelBundle, prompts: list[str], **kwargs: object) -> torch.Tensor:

@@ -8,7 +8,7 @@ bit for bit (tests/test_demo.py holds that).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,9 @@ from PIL import Image
 from ...trainer.bundle import ModelBundle
 from ...trainer.config import TrainConfig
 from ...trainer.lorafile import load_lora
-from ...trainer.network import Network, network_spec, spec_from_state_dict
+from ...trainer.network import applied_lora, network_spec, spec_from_state_dict
 from ...trainer.plot import image_grid, to_pil
-from ...trainer.sampling import sample_images
+from ...trainer.sampling import sample_images, sample_settings
 
 WEIGHTS = (0.0, 0.5, 1.0)
 _PALETTE_PIXELS = 16  # images are compared at 16×16: colours, not edges
@@ -70,15 +70,13 @@ def scaled(state: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Ten
 def sample_with_lora(bundle: ModelBundle, prompts: list[str], config: TrainConfig, lora: Path | None,
                      weight: float = 1.0) -> torch.Tensor:
     """Samples of `prompts` with the config's sampler settings and seed; the LoRA file at `weight` (None: none)."""
-    kwargs = {"height": config.resolution, "width": config.resolution, "steps": config.sample_steps,
-              "cfg": config.sample_cfg, "seed": config.seed}
+    settings = sample_settings(config)
     if lora is None:
-        return sample_images(bundle, prompts, **kwargs)
+        return sample_images(bundle, prompts, **settings)
     state, metadata = load_lora(lora)
-    spec = replace(spec_from_state_dict(state, network_spec(config), metadata), train_unet=True)
-    with Network(bundle, spec) as network:
-        network.load_state_dict(scaled(state, weight))
-        return sample_images(bundle, prompts, **kwargs)
+    spec = spec_from_state_dict(state, network_spec(config), metadata)
+    with applied_lora(bundle, spec, scaled(state, weight)):
+        return sample_images(bundle, prompts, **settings)
 
 
 def showcase(bundle: ModelBundle, config: TrainConfig, lora: Path, references: list[Image.Image],
