@@ -232,7 +232,7 @@ def test_every_node_registered_and_no_import_error(server, object_info):
     # Read from the source, not by importing: in a full run the stand-in's folder_paths may already be imported here.
     source = (ROOT / "nodes" / "definitions.py").read_text()
     expected = {"LoRALoop_" + m for m in re.findall(r'node_id=PREFIX \+ "(\w+)"', source)}
-    assert len(expected) == 7
+    assert len(expected) == 8  # LoadDataset, Caption, TrainConfig, MemoryPlan, TrainLoRA, SaveLoRA, Resize, Prompt
     assert expected == {k for k in object_info if k.startswith("LoRALoop_")}
     for node_id in expected:
         assert object_info[node_id]["python_module"] == "custom_nodes.loraloop"
