@@ -25,7 +25,8 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p = subparsers.add_parser("plan", help="show what fits in memory and how long training takes, before training")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="YAML config; keys set to `auto` may be changed by the plan")
-    src.add_argument("--family", help="plan without a config: sd15/sd1, sd2, sd2-v or sdxl")
+    src.add_argument("--family", help="plan without a config: sd1, sd2, sd2-v, sdxl, flux1, flux1-schnell, "
+                     "chroma, sd3, zimage, lumina2 or qwen-image")
     p.add_argument("--resolution", type=int, help="training resolution (with --family; default: the family's)")
     p.add_argument("--batch-size", type=int, default=1, help="effective batch to keep (with --family)")
     p.add_argument("--rank", type=int, default=field_default("lora_rank"), help="LoRA rank (with --family)")

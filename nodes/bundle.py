@@ -27,14 +27,24 @@ from torch import nn
 
 from ..trainer.bundle import Conditioning, SizeInfo, TextEncoderSlot
 from ..trainer.errors import ConfigError, UnsupportedModelError
-from ..trainer.families import Family, get_family
-from ..trainer.naming import UNetLayout, ldm_unet_lora_name, unet_targets
+from ..trainer.families import FLOW, Family, get_family
+from ..trainer.naming import UNetLayout, dit_targets, ldm_unet_lora_name, native_lora_name, unet_targets
 
 log = logging.getLogger(__name__)
 
 # ComfyUI model-config class name (comfy/supported_models.py) → our family.
-SUPPORTED_CONFIGS = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}
-SUPPORTED_TEXT = "SD 1.x (SD15), SD 2.x incl. 768-v (SD20) and SDXL base (SDXL)"
+SUPPORTED_CONFIGS = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "Flux": "flux1", "FluxSchnell": "flux1-schnell",
+                     "Chroma": "chroma", "SD3": "sd3", "ZImage": "zimage", "Lumina2": "lumina2",
+                     "QwenImage": "qwen-image"}
+SUPPORTED_TEXT = ("SD 1.x, SD 2.x (incl. 768-v), SDXL, Flux.1 dev/schnell/Kontext, Chroma, SD3/3.5, Z-Image, Lumina 2 "
+                  "and Qwen-Image")
+# Models ComfyUI loads that we refuse, with what is missing (docs/families.md §2).
+REFUSED_CONFIGS = {
+    "FluxInpaint": "Flux Fill trains on a masked image beside the noise; train the base Flux.1 dev instead",
+    "Flux2": "Flux.2 (dev/Klein) latents are 128-channel at 1/16 size, which our data pipeline does not produce yet",
+    "ChromaRadiance": "Chroma Radiance works in pixel space, not on VAE latents",
+    "ZImagePixelSpace": "this Z-Image variant works in pixel space, not on VAE latents",
+}
 TOKENS_PER_CHUNK = 77
 MAX_CONTEXT_CHUNKS = 12  # lcm of the chunk counts of all captions; 1-4 chunks give at most 12
 
@@ -44,14 +54,20 @@ def _mro_names(obj: object) -> set[str]:
 
 
 def prediction_type_of(model_sampling: object) -> str:
-    """`epsilon` or `v_prediction` from a ComfyUI model_sampling object (V_PREDICTION subclasses EPS: test it first)."""
+    """`epsilon`, `v_prediction` or `flow` from a ComfyUI model_sampling object (V_PREDICTION subclasses EPS: test it
+    first; CONST is rectified flow)."""
     names = _mro_names(model_sampling)
+    if "CONST" in names:
+        if float(getattr(model_sampling, "noise_scale", 1.0)) != 1.0:
+            raise UnsupportedModelError(f"flow model sampling with noise_scale {model_sampling.noise_scale} "
+                                        "is not supported")
+        return FLOW
     if not hasattr(model_sampling, "sigmas"):
         msg = (f"model sampling {type(model_sampling).__name__} has no discrete sigma schedule; "
-               "LoRA Loop trains DDPM-style models only")
+               "LoRA Loop trains DDPM and rectified-flow models only")
         raise UnsupportedModelError(msg)
-    if "EDM" in names or "CONST" in names:
-        raise UnsupportedModelError(f"model sampling {sorted(names & {'EDM', 'CONST'})} is not supported")
+    if "EDM" in names:
+        raise UnsupportedModelError("EDM model sampling is not supported")
     if "V_PREDICTION" in names:
         return "v_prediction"
     if "EPS" in names:
@@ -60,9 +76,11 @@ def prediction_type_of(model_sampling: object) -> str:
 
 
 def detect_family(patcher: object) -> tuple[Family, str]:
-    """(family, prediction type) of a ComfyUI MODEL; anything but SD1/SD2/SDXL raises naming what it is."""
+    """(family, prediction type) of a ComfyUI MODEL; anything else raises naming what it is and what we train."""
     base = patcher.model  # type: ignore[attr-defined]
     config_name = type(getattr(base, "model_config", None)).__name__
+    if config_name in REFUSED_CONFIGS:
+        raise UnsupportedModelError(f"this MODEL is {config_name}: {REFUSED_CONFIGS[config_name]}")
     key = SUPPORTED_CONFIGS.get(config_name)
     if key is None:
         msg = (f"this MODEL is {config_name} ({type(base).__name__}); "
@@ -73,6 +91,11 @@ def detect_family(patcher: object) -> tuple[Family, str]:
                "are not supported")
         raise UnsupportedModelError(msg)
     prediction = prediction_type_of(patcher.get_model_object("model_sampling"))  # type: ignore[attr-defined]
+    family = get_family(key)
+    if (prediction == FLOW) != family.is_flow:
+        msg = (f"this {config_name} MODEL samples as {prediction}, not as {family.prediction_type}; "
+               "remove the model-sampling node that changed it, then train")
+        raise UnsupportedModelError(msg)
     if key == "sd2" and prediction == "v_prediction":
         key = "sd2-v"
     return get_family(key), prediction
@@ -186,6 +209,16 @@ def text_encoder_slots(clip: object, family: Family) -> list[TextEncoderSlot]:
     return slots
 
 
+def _drop_padding(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A DiT text encoder's mask (ones, then padding) applied by dropping the padded tokens: ComfyUI hands the mask to
+    the model, which then attends to the first mask.sum() tokens, the same input as the shorter context."""
+    if mask is None or context.shape[0] != 1:
+        return context
+    flat = mask.reshape(-1)
+    n = max(1, int(flat.sum().item()))
+    return context[:, :n] if bool(flat[:n].all()) else context
+
+
 def _lcm(values: list[int]) -> int:
     out = 1
     for v in values:
@@ -211,10 +244,21 @@ class ComfyBundle:
         self.base_model = model.model  # type: ignore[attr-defined]
         self.unet: nn.Module = self.base_model.diffusion_model
         self.text_encoders: list[TextEncoderSlot] = []
-        sigmas = model.get_model_object("model_sampling").sigmas  # type: ignore[attr-defined]
-        self.sigmas = sigmas.detach().float().cpu().clone()  # a normal tensor, even if read under inference mode
-        self.alphas_cumprod = (1.0 / (1.0 + self.sigmas.double() ** 2)).float()
-        self.layout = UNetLayout.from_ldm_module(self.unet)
+        self.model_sampling = model.get_model_object("model_sampling")  # type: ignore[attr-defined]
+        if self.family.is_flow:
+            self.sigmas = torch.zeros(0)
+            self.alphas_cumprod = torch.zeros(0)  # flow models have no ᾱ table: σ comes from `shift_sigmas`
+            self.layout = None
+        else:
+            # a normal tensor, even if read under inference mode
+            self.sigmas = self.model_sampling.sigmas.detach().float().cpu().clone()
+            self.alphas_cumprod = (1.0 / (1.0 + self.sigmas.double() ** 2)).float()
+            self.layout = UNetLayout.from_ldm_module(self.unet)
+        # Qwen-Image's (Wan 2.1) latents are video-shaped [B,C,T,H,W]: the engine holds [B,C,H,W], the bundle adds T.
+        self.video_latent = getattr(self.base_model.latent_format, "latent_dimensions", 2) == 3
+        # Flux.1 dev's distilled-guidance input: 1.0 while training, as kohya/musubi/ai-toolkit feed it (a LoRA
+        # trained at the sampling value 3.5 learns to undo the guidance); the sampler switches it to 3.5.
+        self.guidance = self.family.guidance
         self.name = name
         self.context_tokens: int | None = None  # every context is repeated to this length (see `set_caption_lengths`)
         self.preview_decode = False  # True while training: decode previews without loading the VAE
@@ -250,19 +294,26 @@ class ComfyBundle:
             raw = vae.first_stage_model.encode(x)  # type: ignore[attr-defined]
         else:
             raw = vae.encode(images)  # type: ignore[attr-defined]
-        return self.base_model.process_latent_in(raw.float()).to(self.device)
+        latents = self.base_model.process_latent_in(raw.float())
+        if latents.dim() == 5:  # an image is one frame of a video latent
+            latents = latents[:, :, 0]
+        return latents.to(self.device)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         if self.preview_decode:
             return self._rgb_preview(latents)
-        images = self.vae.decode(self.base_model.process_latent_out(latents.float()))  # type: ignore[attr-defined]
+        latents = latents.float().unsqueeze(2) if self.video_latent else latents.float()
+        images = self.vae.decode(self.base_model.process_latent_out(latents))  # type: ignore[attr-defined]
+        images = images.reshape(-1, *images.shape[-3:])  # video VAEs decode [B,T,H,W,C]
         return images.float().movedim(-1, 1) * 2.0 - 1.0
 
     def _rgb_preview(self, latents: torch.Tensor) -> torch.Tensor:
         """ComfyUI's latent→RGB approximation (latent_format.latent_rgb_factors): no VAE load mid-training."""
         fmt = self.base_model.latent_format
         factors = getattr(fmt, "latent_rgb_factors", None)
+        if factors is not None and len(factors) != latents.shape[1]:
+            factors = None
         if factors is None:
             rgb = latents[:, :3]
         else:
@@ -303,10 +354,15 @@ class ComfyBundle:
             if getattr(self.clip, "layer_idx", None) is not None:
                 model.set_clip_options({"layer": self.clip.layer_idx})  # type: ignore[attr-defined]
             model.set_clip_options({"execution_device": self.clip.patcher.load_device})  # type: ignore[attr-defined]
-            context, pooled = model.encode_token_weights(tokens)[:2]
+            out = model.encode_token_weights(tokens)
+            context, pooled = out[:2]
+            extra = out[2] if len(out) > 2 and isinstance(out[2], dict) else {}
         else:
-            context, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)  # type: ignore[attr-defined]
-        return context, pooled if self.family.is_sdxl else None
+            extra = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)  # type: ignore[attr-defined]
+            context, pooled = extra["cond"], extra.get("pooled_output")
+        if self.family.is_flow:
+            context = _drop_padding(context, extra.get("attention_mask"))
+        return context, pooled if self.family.pooled_text else None
 
     def train_text_encoders(self) -> None:
         """Expose the CLIP's text models to the engine and encode captions live from now on."""
@@ -315,7 +371,10 @@ class ComfyBundle:
 
     def set_caption_lengths(self, captions: list[str]) -> None:
         """Fix the context length for a run: captions longer than 75 tokens give 154/231… tokens; like ComfyUI's own
-        conditioning batching, shorter contexts are repeated to a common multiple (attention is unchanged by that)."""
+        conditioning batching, shorter contexts are repeated to a common multiple (attention is unchanged by that).
+        DiT text encoders are not chunked: each caption keeps its own length (`Conditioning.lengths`)."""
+        if self.family.is_flow:
+            return
         chunks = {self._encode_one(c)[0].shape[1] // TOKENS_PER_CHUNK for c in set(captions)}
         common = _lcm(sorted(chunks)) if chunks else 1
         if common > MAX_CONTEXT_CHUNKS:
@@ -331,15 +390,26 @@ class ComfyBundle:
 
     def encode_text(self, captions: list[str]) -> Conditioning:
         pairs = [self._encode_live(c) if self.live_text else self._encode_one(c) for c in captions]
+        if self.family.is_flow:
+            return Conditioning.cat([Conditioning(ctx, p, torch.tensor([ctx.shape[1]])) for ctx, p in pairs]).to(
+                self.device)
         lengths = [ctx.shape[1] for ctx, _ in pairs]
         target = _lcm([*lengths, self.context_tokens or lengths[0]])
         contexts = [ctx.repeat(1, target // ctx.shape[1], 1) for ctx, _ in pairs]
-        pooled = torch.cat([p for _, p in pairs]).to(self.device) if self.family.is_sdxl else None
+        pooled = torch.cat([p for _, p in pairs]).to(self.device) if self.family.pooled_text else None
         return Conditioning(torch.cat(contexts).to(self.device), pooled)
 
     # -- denoiser -------------------------------------------------------------------------------------------------
+    def shift_sigmas(self, u: torch.Tensor) -> torch.Tensor:
+        """u ∈ (0, 1) → σ through the MODEL's own model_sampling: `timestep` maps an unshifted σ to model time and
+        `sigma` applies the shift (ModelSamplingFlux's μ, DiscreteFlow's α, or a user's ModelSampling* node)."""
+        ms = self.model_sampling
+        return ms.sigma(ms.timestep(u.float())).float().to(u.device)  # type: ignore[attr-defined]
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                 sizes: list[SizeInfo] | None = None) -> torch.Tensor:
+        if self.family.is_flow:
+            return self._predict_flow(noisy, timesteps, cond)
         device = noisy.device
         a = self.alphas_cumprod.to(device)[timesteps].view(-1, 1, 1, 1)
         sigma = self.sigmas.to(device)[timesteps]
@@ -353,6 +423,38 @@ class ComfyBundle:
         if self.prediction_type == "v_prediction":
             return a.sqrt() * eps - (1 - a).sqrt() * x0.float()
         return eps
+
+    def _predict_flow(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Velocity v̂ = (x_σ − D)/σ from ComfyUI's x0 prediction D; rows whose captions differ in length run apart."""
+        groups = cond.rows()
+        if len(groups) == 1:
+            return self._velocity(noisy, sigmas, cond.context[:, : groups[0][0]], cond.pooled)
+        order, parts = [], []
+        for length, rows in groups:
+            index = torch.tensor(rows, device=noisy.device)
+            pooled = None if cond.pooled is None else cond.pooled[index]
+            parts.append(self._velocity(noisy[index], sigmas[index], cond.context[index, :length], pooled))
+            order.extend(rows)
+        return torch.cat(parts)[torch.tensor(order).argsort().to(noisy.device)]
+
+    def _velocity(self, x: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
+                  pooled: torch.Tensor | None) -> torch.Tensor:
+        """One apply_model call with the conditioning built by the model's own `extra_conds` (guidance, num_tokens,
+        pooled `y` — whatever the family takes), as ComfyUI's sampler builds it."""
+        x_in = x.float().unsqueeze(2) if self.video_latent else x.float()
+        kwargs: dict[str, object] = {"noise": x_in, "device": x.device, "cross_attn": context}
+        if pooled is not None:
+            kwargs["pooled_output"] = pooled
+        if self.guidance is not None:
+            kwargs["guidance"] = self.guidance
+        conds = self.base_model.extra_conds(**kwargs)
+        extra = {name: c.process_cond(batch_size=x.shape[0], device=x.device, area=None).cond
+                 for name, c in conds.items()}
+        options = {"optimized_attention_override": self._attention_override} if self._attention_override else {}
+        denoised = self.base_model.apply_model(x_in, sigmas, transformer_options=options, **extra).float()
+        if self.video_latent:
+            denoised = denoised[:, :, 0]
+        return (x.float() - denoised) / sigmas.view(-1, 1, 1, 1)
 
     def _adm(self, pooled: torch.Tensor | None, sizes: list[SizeInfo] | None, noisy: torch.Tensor) -> torch.Tensor:
         if pooled is None:
@@ -370,7 +472,11 @@ class ComfyBundle:
 
     # -- naming ---------------------------------------------------------------------------------------------------
     def unet_lora_name(self, module_path: str) -> str:
+        if self.layout is None:
+            return native_lora_name(module_path)
         return ldm_unet_lora_name(self.family.unet_names, self.layout, module_path)
 
     def unet_targets(self, conv: bool) -> dict[str, str]:
+        if self.family.blocks is not None:  # DiTs: Linears of the transformer blocks (no convs to add)
+            return dit_targets(self.unet, self.family.blocks, self.family.exclude)
         return unet_targets(self.unet, conv)

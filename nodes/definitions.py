@@ -163,7 +163,8 @@ class LoRATrainConfig(io.ComfyNode):
                     io.String.Input("import_yaml", default="", optional=True, tooltip="A YAML config under ComfyUI's "
                                     "input directory (CLI format); its values override the widgets."),
                     io.String.Input("export_yaml", default="", optional=True, tooltip="Write the effective options to "
-                                    "output/loraloop/<name>.yaml.")],
+                                    "output/loraloop/<name>.yaml."),
+                    *widget_inputs(io, paths.lora_names(), late=True)],
             outputs=[Config.Output("config", display_name="CONFIG"), io.String.Output("yaml")],
         )
 

@@ -48,7 +48,11 @@ WIDGET_ORDER = (
     "weight_decay", "max_grad_norm", "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "noise_offset",
     "seed", "save_precision", "save_every_n_steps", "save_every_n_epochs", "save_last_n", "sample_prompts",
     "sample_every_n_steps", "sample_steps", "sample_cfg", "vram_budget_gb", "memory_margin", "dynamic_rank",
+    "timestep_sampling", "target_preset",
 )
+# Widgets added after workflows were shared: declared optional and after every other input, so a saved workflow's
+# positional widgets_values still line up (the front-end puts optional inputs last, in declaration order).
+LATE_WIDGETS = ("timestep_sampling", "target_preset")
 FRONTEND_SEED_NAMES = ("seed", "noise_seed")  # INT inputs the front-end adds a seed control to by name
 NO_LORA = "[none]"  # resume_lora's first option: start a new LoRA
 
@@ -58,14 +62,15 @@ def node_schema() -> Schema:
     return build_schema(HOST_OWNED, WIDGET_ORDER)
 
 
-def widget_inputs(io: Any, lora_names: list[str]) -> list:
-    """One io input per widget of `node_schema()`, in its order."""
-    return [_input(io, w, lora_names) for w in node_schema().widgets]
+def widget_inputs(io: Any, lora_names: list[str], late: bool = False) -> list:
+    """One io input per widget of `node_schema()`, in its order: the original ones, or (`late`) `LATE_WIDGETS`."""
+    return [_input(io, w, lora_names) for w in node_schema().widgets if (w.name in LATE_WIDGETS) == late]
 
 
 def _input(io: Any, w: Widget, lora_names: list[str]) -> Any:
     if w.kind in ("switch", "choice"):
-        return io.Combo.Input(w.name, options=list(w.choices), default=w.default, tooltip=w.help)
+        return io.Combo.Input(w.name, options=list(w.choices), default=w.default, tooltip=w.help,
+                              optional=w.name in LATE_WIDGETS)
     if w.name == "resume_lora":  # the one path shown here: a LoRA that LoraLoader lists too
         return io.Combo.Input(w.name, options=[NO_LORA, *lora_names], default=NO_LORA, optional=True,
                               tooltip=f"{w.help} Pick a LoRA from models/loras.")

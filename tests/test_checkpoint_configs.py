@@ -46,7 +46,9 @@ def meta_text_encoder(family: str, subfolder: str = "text_encoder") -> torch.nn.
 
 class TestFolders:
     def test_one_folder_per_family(self) -> None:
-        assert sorted(p.name for p in CONFIG_ROOT.iterdir() if p.is_dir()) == sorted(FAMILIES)
+        # The DDPM families load from single files on the command line; the flow families train inside a host.
+        ddpm = [name for name, family in FAMILIES.items() if not family.is_flow]
+        assert sorted(p.name for p in CONFIG_ROOT.iterdir() if p.is_dir()) == sorted(ddpm) == sorted(FAMILY_DIRS)
 
     @pytest.mark.parametrize("family", FAMILY_DIRS)
     def test_configs_only_no_weights_no_tokenizer(self, family: str) -> None:

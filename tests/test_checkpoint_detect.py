@@ -139,8 +139,15 @@ class TestRejected:
           "model.diffusion_model.x_embedder.proj.weight"], "a Stable Diffusion 3 / 3.5 (MMDiT) model"),
         (["joint_blocks.37.x_block.mlp.fc1.weight", "pos_embed"], "a Stable Diffusion 3 / 3.5 (MMDiT) model"),
         (["model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale",
-          "model.diffusion_model.img_in.weight"], "a Flux model"),
-        (["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "a Flux model"),
+          "model.diffusion_model.img_in.weight"], "a Flux.1 / Chroma model"),
+        (["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "a Flux.1 / Chroma model"),
+    ])
+    def test_flow_models_are_sent_to_comfyui(self, keys: list[str], what: str) -> None:
+        msg = detect_error(dict.fromkeys(keys, (1,)))
+        assert msg.startswith(f"{SRC} is {what}: the command line loads SD1/SD2/SDXL checkpoints only so far")
+        assert "TrainLoRA" in msg
+
+    @pytest.mark.parametrize(("keys", "what"), [
         (["clip_txt_mapper.weight", "down_blocks.0.0.channelwise.0.weight"], "a Stable Cascade model"),
         (["down_blocks.1.0.channelwise.0.weight", "effnet_mapper.0.weight"], "a Stable Cascade model"),
         (["down_blocks.0.motion_modules.0.temporal_transformer.norm.bias"], "an AnimateDiff motion module"),

@@ -16,6 +16,7 @@ from loraloop.nodes.training import train_lora
 from loraloop.nodes.widgets import node_config
 from loraloop.trainer.bundle import Conditioning, SizeInfo
 from loraloop.trainer.errors import TrainingInterrupted, UnsupportedModelError
+from loraloop.trainer.families import get_family
 
 # kohya names of the tiny UNet's attention blocks (attention at the full-resolution level only): SD1/SD2 use the
 # diffusers path, SDXL the LDM path (docs/lora-format.md §1.3). Written out by hand, not computed by our naming code.
@@ -48,8 +49,12 @@ def test_family_detection():
     assert [detect_family(stub_models.build(k)[0])[0].name
             for k in ("sd15", "sd20v", "sdxl")] == ["sd1", "sd2-v", "sdxl"]
     assert detect_family(stub_models.build("sd20v")[0])[1] == "v_prediction"
-    with pytest.raises(UnsupportedModelError, match="Flux"):
-        detect_family(stub_models.build("flux")[0])
+    with pytest.raises(UnsupportedModelError, match="WAN21_T2V"):
+        detect_family(stub_models.build("wan")[0])
+    with pytest.raises(UnsupportedModelError, match=r"Flux2: Flux.2 .* 128-channel"):
+        detect_family(stub_models.build("flux2")[0])
+    assert detect_family(stub_models.build_flux()[0]) == (get_family("flux1"), "flow")
+    assert detect_family(stub_models.build_flux(schnell=True)[0])[0].name == "flux1-schnell"
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sd20v"])

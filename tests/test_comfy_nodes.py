@@ -219,9 +219,9 @@ def test_resize_lora_node(host, caplog):
 def test_unsupported_family_is_a_clear_error(host):
     from loraloop.trainer.errors import UnsupportedModelError
 
-    model, clip, vae = stub_models.build("flux")
+    model, clip, vae = stub_models.build("wan")
     dataset = run_node(nodes.LoadDataset, folder="style", recursive=False, caption_extension=".txt").args[0]
-    with pytest.raises(UnsupportedModelError, match=r"Flux.*SD 1.x"):
+    with pytest.raises(UnsupportedModelError, match=r"WAN21_T2V.*SD 1.x.*Flux.1"):
         run_node(nodes.TrainLoRA, model=model, clip=clip, vae=vae, dataset=dataset, name="x", save_on_cancel=False)
 
 

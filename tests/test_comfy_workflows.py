@@ -121,12 +121,15 @@ def nodes_schema(node_id):
 
 def test_widget_order_is_frozen_and_lists_every_option(tmp_path):
     """Saved workflows hold widget values by position: LoRATrainConfig's widgets follow WIDGET_ORDER, which must list
-    every engine option that is not host-owned (append new ones at its end, never insert)."""
-    from loraloop.nodes.widgets import HOST_OWNED, WIDGET_ORDER
+    every engine option that is not host-owned (append new ones at its end, never insert); options added after
+    workflows were shared (LATE_WIDGETS) are optional and come after every other input."""
+    from loraloop.nodes.widgets import HOST_OWNED, LATE_WIDGETS, WIDGET_ORDER
     from loraloop.trainer.config import field_help
 
     setup_host(tmp_path, None)
     assert len(set(WIDGET_ORDER)) == len(WIDGET_ORDER)
     assert set(WIDGET_ORDER) == set(field_help()) - set(HOST_OWNED), "append new options to WIDGET_ORDER"
     ids = [i.id for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs]
-    assert ids[: len(WIDGET_ORDER)] == list(WIDGET_ORDER)
+    early = [name for name in WIDGET_ORDER if name not in LATE_WIDGETS]
+    assert ids == [*early, "import_yaml", "export_yaml", *LATE_WIDGETS]
+    assert all(i.optional for i in nodes.LoRATrainConfig.GET_SCHEMA().inputs if i.id in LATE_WIDGETS)

@@ -149,6 +149,33 @@ class TestFullSizeArchitectures:
         assert model.flops(side * side) == pytest.approx(trace.flops, rel=1e-3)
 
 
+class TestDiTFamilies:
+    """The flow families' closed-form model (memory/estimation/dit.py): released sizes, and the levers' directions."""
+
+    FLOW = ("flux1", "flux1-schnell", "chroma", "sd3", "zimage", "lumina2", "qwen-image")
+
+    def test_released_sizes_and_the_flux_rank_16_lora(self):
+        infos = {f: ModelInfo.for_family(f) for f in self.FLOW}
+        assert infos["flux1"].sizes.unet == 11_900_000_000 and infos["qwen-image"].sizes.unet == 20_400_000_000
+        # kohya's Flux.1 rank-16 LoRA of every double/single-block Linear holds 76.6M parameters (≈ 153 MB in fp16).
+        assert infos["flux1"].sizes.adapter_params(16) == pytest.approx(76.6e6, rel=0.01)
+        assert all(info.family.is_flow for info in infos.values())
+
+    def test_flux_1024_peak_and_what_each_lever_changes(self):
+        info, device = ModelInfo.for_family("flux1"), DEVICES["rtx 4090"]
+        base = RunShape("flux1", (1024, 1024), lora_rank=16, gradient_checkpointing=True, mixed_precision="bf16")
+        peak = estimate_memory(info, base, device)
+        assert peak.parts["weights_unet"] == 2 * 11_900_000_000
+        assert 23 * GIB < peak.peak < 30 * GIB  # bf16 weights alone are 22.2 GiB: kohya needs fp8 for 24 GB
+        no_gc = estimate_memory(info, RunShape("flux1", (1024, 1024), lora_rank=16, mixed_precision="bf16"), device)
+        assert no_gc.parts["activations"] > 10 * peak.parts["activations"]
+        smaller = estimate_memory(info, RunShape("flux1", (512, 512), lora_rank=16, gradient_checkpointing=True,
+                                                 mixed_precision="bf16"), device)
+        assert smaller.parts["activations"] < 0.35 * peak.parts["activations"]
+        seconds = estimate_time(info, base, device).seconds_per_step
+        assert 1.0 < seconds < 10.0  # kohya reports ~2-4 s/step for Flux LoRA at 1024 on a 4090 (fp8)
+
+
 class TestPublishedNumbers:
     """Sanity against docs/landscape.md §3: the model must agree with what users report."""
 

@@ -26,7 +26,8 @@ def test_public_surface():
 def test_modules_are_grouped_by_what_they_do():
     groups = {sub: sorted(p.stem for p in (MEMORY / sub).glob("*.py") if p.stem != "__init__")
               for sub in ("estimation", "planning", "recovery")}
-    assert groups == {"estimation": ["architecture", "devices", "estimate", "probe", "profiles", "simulate", "tracer"],
+    assert groups == {"estimation": ["architecture", "devices", "dit", "estimate", "probe", "profiles", "simulate",
+                                     "tracer"],
                       "planning": ["autoplan", "planner"], "recovery": ["ladder", "levers", "spill"]}
     assert sorted(p.name for p in MEMORY.glob("*.py")) == ["__init__.py"]
     for sub, names in groups.items():

@@ -2,9 +2,11 @@
 
 Every host (ComfyUI, A1111, Forge, the standalone loader, the tiny test model) implements this protocol. The engine
 adapts `unet` and `text_encoders` in place through peft and removes the adapters afterwards, so the host gets its
-modules back bit-identical. The engine works in the DDPM (variance-preserving) formulation: `predict` takes integer
-timesteps and returns the native prediction (epsilon or v); a host whose model works in sigma/x0 space converts inside
-`predict`.
+modules back bit-identical. DDPM families (`prediction_type` epsilon / v_prediction) work in the variance-preserving
+formulation: `predict` takes integer timesteps and returns the native prediction (ε or v); a host whose model works in
+sigma/x0 space converts inside `predict`. Flow families (`prediction_type` "flow") take σ ∈ (0, 1) as floats, return
+the velocity ε − x0, and map a drawn u to σ with `shift_sigmas` (the model's own time shift; the host's where it has
+one).
 """
 
 from __future__ import annotations
@@ -25,34 +27,56 @@ class Conditioning:
 
     Args:
         context: cross-attention states, [B, T, D].
-        pooled: pooled text embedding (SDXL: the bigG projection, [B, 1280]); None for SD1/SD2.
+        pooled: pooled text embedding (SDXL: the bigG projection, [B, 1280]; Flux: CLIP-L, SD3: CLIP-L‖G); None when
+            the family has none.
+        lengths: valid tokens per row when rows of different lengths were zero-padded to one tensor (DiT text
+            encoders do not pad to a fixed length); a flow bundle runs each length on its own. None: every row is whole.
     """
 
     context: torch.Tensor
     pooled: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
 
-        return Conditioning(move(self.context), move(self.pooled))  # type: ignore[arg-type]
+        return Conditioning(move(self.context), move(self.pooled), self.lengths)  # type: ignore[arg-type]
 
     def detach(self) -> Conditioning:
         """A copy that autograd will not track (and that is a normal tensor even if made under inference mode)."""
         pooled = None if self.pooled is None else self.pooled.detach().clone()
-        return Conditioning(self.context.detach().clone(), pooled)
+        lengths = None if self.lengths is None else self.lengths.clone()
+        return Conditioning(self.context.detach().clone(), pooled, lengths)
 
     def __getitem__(self, index: slice | torch.Tensor | list[int]) -> Conditioning:
-        return Conditioning(self.context[index], None if self.pooled is None else self.pooled[index])
+        return Conditioning(self.context[index], None if self.pooled is None else self.pooled[index],
+                            None if self.lengths is None else self.lengths[index])
+
+    def rows(self) -> list[tuple[int, list[int]]]:
+        """(token count, row indices) groups of rows sharing one length (one group when `lengths` is None)."""
+        if self.lengths is None:
+            return [(self.context.shape[1], list(range(self.context.shape[0])))]
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(self.lengths.tolist()):
+            groups.setdefault(int(n), []).append(i)
+        return sorted(groups.items())
 
     @staticmethod
     def cat(items: list[Conditioning]) -> Conditioning:
-        """Batch conditionings; contexts of different lengths (long captions: 77·k tokens) are repeated to their
-        least common multiple, which is what cross-attention sees as the same sequence (ComfyUI does the same)."""
-        lengths = {c.context.shape[1] for c in items}
-        target = math.lcm(*lengths)
-        contexts = [c.context.repeat(1, target // c.context.shape[1], 1) for c in items]
+        """Batch conditionings. CLIP contexts of different lengths (long captions: 77·k tokens) are repeated to their
+        least common multiple, which is what cross-attention sees as the same sequence (ComfyUI does the same); DiT
+        contexts (`lengths` set) are zero-padded to the longest and keep their lengths."""
         pooled = None if items[0].pooled is None else torch.cat([c.pooled for c in items])  # type: ignore[misc]
+        if any(c.lengths is not None for c in items):
+            width = max(c.context.shape[1] for c in items)
+            contexts = [torch.nn.functional.pad(c.context, (0, 0, 0, width - c.context.shape[1])) for c in items]
+            lengths = [c.lengths if c.lengths is not None else
+                       torch.full((c.context.shape[0],), c.context.shape[1]) for c in items]
+            return Conditioning(torch.cat(contexts), pooled, torch.cat(lengths))
+        lengths_set = {c.context.shape[1] for c in items}
+        target = math.lcm(*lengths_set)
+        contexts = [c.context.repeat(1, target // c.context.shape[1], 1) for c in items]
         return Conditioning(torch.cat(contexts), pooled)
 
 
@@ -117,6 +141,8 @@ class ModelBundle(Protocol):
                 sizes: list[SizeInfo] | None = None) -> torch.Tensor:
         """The denoiser's native prediction (epsilon or v) for integer `timesteps` [B]."""
         ...
+
+    # Flow bundles also have: shift_sigmas(u: Tensor) -> Tensor, u ∈ (0, 1) → σ with the model's time shift.
 
     def unet_lora_name(self, module_path: str) -> str:
         """kohya key stem (`lora_unet_...`) for a module path of `unet`."""

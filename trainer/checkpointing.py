@@ -1,4 +1,4 @@
-"""Non-reentrant gradient checkpointing for any SD UNet layout, switched on and off without a trace.
+"""Non-reentrant gradient checkpointing for any SD UNet or DiT layout, switched on and off without a trace.
 
 Hosts' own checkpointing is unusable for us (A1111's is reentrant and ldm-only, so LoRA weights inside get no grads when
 the block input does not require grad). We wrap the forward of each transformer and ResNet block with
@@ -14,8 +14,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# Same class names in diffusers, ldm/sgm, ComfyUI and Forge.
-CHECKPOINT_CLASSES = {"BasicTransformerBlock", "ResnetBlock2D", "ResBlock"}
+# Same class names in diffusers, ldm/sgm, ComfyUI and Forge; then the DiT blocks (ComfyUI/BFL and diffusers names of
+# Flux, Chroma, SD3, Lumina 2/Z-Image, Qwen-Image).
+CHECKPOINT_CLASSES = {"BasicTransformerBlock", "ResnetBlock2D", "ResBlock",
+                      "DoubleStreamBlock", "SingleStreamBlock", "JointBlock", "JointTransformerBlock",
+                      "QwenImageTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
+                      "ZImageTransformerBlock", "Lumina2TransformerBlock"}
 
 
 def _wrap(forward):  # noqa: ANN001, ANN202

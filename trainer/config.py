@@ -45,12 +45,15 @@ class TrainConfig:
     UIs."""
 
     # model
-    base_model: str = _f("builtin:tiny-sd1", "Checkpoint (.safetensors/.ckpt), diffusers folder, or builtin:tiny-sd1 / "
-                         "builtin:tiny-sdxl.", group="model")
-    family: str | None = _f(None, "Model family when it cannot be detected: sd1, sd2, sd2-v, sdxl.",
-                            choices=(None, "sd1", "sd2", "sd2-v", "sdxl"), group="model")
-    prediction_type: str | None = _f(None, "Override the model's prediction type.",
-                                     choices=(None, "epsilon", "v_prediction"), group="model")
+    base_model: str = _f("builtin:tiny-sd1", "Checkpoint (.safetensors/.ckpt), diffusers folder, or a built-in "
+                         "model: builtin:demo-base, builtin:tiny-sd1, builtin:tiny-sdxl, builtin:tiny-flux1, "
+                         "builtin:tiny-sd3.", group="model")
+    family: str | None = _f(None, "Model family when it cannot be detected: sd1, sd2, sd2-v, sdxl, flux1, sd3, ….",
+                            choices=(None, "sd1", "sd2", "sd2-v", "sdxl", "flux1", "flux1-schnell", "chroma", "sd3",
+                                     "zimage", "lumina2", "qwen-image"), group="model")
+    prediction_type: str | None = _f(None, "Override the model's prediction type (SD2 768-v: v_prediction; flow is "
+                                     "what Flux/SD3/… families use and cannot be switched).",
+                                     choices=(None, "epsilon", "v_prediction", "flow"), group="model")
     # data
     train_data_dir: str | None = _f(None, "Folder of training images (captions as .txt/.caption sidecars, "
                                     "metadata.csv or metadata.jsonl).", group="data")
@@ -123,6 +126,13 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (saves memory, ~20-30% slower).")
     min_snr_gamma: float | None = _f(None, "Min-SNR-gamma loss weighting (5 is typical; None: off).", min=0.1,
                                      max=100.0)
+    timestep_sampling: str = _f("logit_normal", "Flow models (Flux, SD3.5, Z-Image, Lumina 2, Qwen-Image, Chroma): "
+                                "how the noise level is drawn before the model's own time shift: logit_normal "
+                                "(SD3 paper, kohya's sigmoid; favours mid noise) or uniform (ComfyUI's trainer). "
+                                "SD1/SD2/SDXL ignore it.", choices=("logit_normal", "uniform"))
+    target_preset: str = _f("default", "Which layers get adapters: default (what kohya/musubi-tuner train for the "
+                            "family: attention and MLP Linears of the blocks) or attention (attention projections "
+                            "only: smaller, gentler).", choices=("default", "attention"), group="network")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", min=0.0, max=1.0)
     seed: int = _f(42, "Random seed (runs are reproducible for a seed on CPU).", min=0, max=2**32 - 1)
     # output

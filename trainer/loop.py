@@ -139,7 +139,7 @@ def train(bundle: ModelBundle, batches: BatchMaker, config: TrainConfig, sink: P
     recovery = recovery or OomRecovery(bundle, batches, config, run=run)  # OOM/spill → next rung, same step again
     step_fn, on_step_end = recovery.wrap(_optimizer_step), recovery.wrap_callback(on_step_end)
     schedule = make_schedule(config, batches.batches_per_epoch)
-    settings = LossSettings(config.min_snr_gamma, config.noise_offset)
+    settings = LossSettings(config.min_snr_gamma, config.noise_offset, config.timestep_sampling)
     torch.manual_seed(config.seed)  # peft's adapter init draws from the global RNG
     with Network(bundle, spec) as network:
         if initial_lora is not None:
@@ -243,7 +243,8 @@ def _optimizer_step(bundle: ModelBundle, batches: BatchMaker, schedule: Schedule
         # The noise of the whole (global) micro-batch, then this rank's slice: every process draws what one process
         # training the global batch would draw for these samples.
         shape = (micro.total, *micro.latents.shape[1:])
-        draw = draw_noise(shape, generator, settings, len(bundle.alphas_cumprod))[micro.offset : micro.offset + n]
+        draw = draw_noise(shape, generator, settings, len(bundle.alphas_cumprod),
+                          flow=bundle.prediction_type == "flow")[micro.offset : micro.offset + n]
         for lo in range(0, n, batches.chunk_size or n):
             hi = min(n, lo + (batches.chunk_size or n))
             weight = (hi - lo) / micro.total / len(indices)

@@ -182,3 +182,35 @@ def unet_targets(unet: nn.Module, conv: bool) -> dict[str, str]:
             k = getattr(layer, "kernel_size", (1, 1))
             targets.setdefault(path, "conv3x3" if tuple(k) != (1, 1) else "linear")
     return targets
+
+
+def native_lora_name(module_path: str) -> str:
+    """kohya/ComfyUI stem of a DiT module: `lora_unet_<original module path with . → _>`.
+
+    ComfyUI's loader maps this for every `diffusion_model.*` weight of any model (comfy/lora.py), and for Flux.1 it is
+    exactly kohya's format, which Forge and diffusers' Flux loader read too (docs/families.md §3).
+    """
+    return "lora_unet_" + module_path.replace(".", "_")
+
+
+def dit_targets(root: nn.Module, blocks: str, exclude: str | None = None) -> dict[str, str]:
+    """Every Linear under a module path matching `blocks` (from the start), except paths matching `exclude`."""
+    block_re, exclude_re = re.compile(blocks), re.compile(exclude) if exclude else None
+    return {name: "linear" for name, module in root.named_modules()
+            if isinstance(module, nn.Linear) and block_re.match(name)
+            and not (exclude_re is not None and exclude_re.search(name))}
+
+
+SD_ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"  # diffusers, ldm and sgm share these attention names
+TARGET_PRESETS = ("default", "attention")
+
+
+def apply_preset(paths: list[str], preset: str, attention: str | None) -> list[str]:
+    """`default`: all of `paths`; `attention`: only the attention projections (`attention`: the family's regex)."""
+    if preset == "default":
+        return paths
+    if preset != "attention":
+        msg = f"target_preset must be one of {', '.join(TARGET_PRESETS)} (got {preset!r})"
+        raise ValueError(msg)
+    pattern = re.compile(attention or SD_ATTENTION)
+    return [p for p in paths if pattern.search(p)]

@@ -20,7 +20,7 @@ from torch import nn
 from .bundle import ModelBundle, TextEncoderSlot
 from .config import TrainConfig, field_default
 from .errors import ConfigError, LoraFileError
-from .naming import TE_CLASSES, find_targets, kohya_te_name
+from .naming import TE_CLASSES, apply_preset, find_targets, kohya_te_name
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class NetworkSpec:
         dropout: dropout on the adapter input (LoRA/LoCon) or module dropout (LoHa/LoKr).
         conv_rank, conv_alpha: rank/alpha of 3×3 convs (LoCon, LoHa, LoKr); None → rank/alpha.
         target_modules: keep only default targets whose path ends with one of these names (None: kohya's defaults).
+        target_preset: `default` (the family's usual targets) or `attention` (attention projections only).
         train_unet, train_text_encoder: which modules get adapters.
         rank_by_module, alpha_by_module: exact per-module overrides (used when loading a file with mixed ranks).
     """
@@ -60,6 +61,7 @@ class NetworkSpec:
     train_text_encoder: bool = False
     rank_by_module: dict[str, int] = field(default_factory=dict)
     alpha_by_module: dict[str, float] = field(default_factory=dict)
+    target_preset: str = "default"
 
     @property
     def uses_conv(self) -> bool:
@@ -87,7 +89,7 @@ def network_spec(config: TrainConfig) -> NetworkSpec:
     return NetworkSpec(network_type=config.network_type, rank=config.lora_rank, alpha=config.alpha,
                        dropout=config.lora_dropout, conv_rank=config.conv_rank, conv_alpha=config.conv_alpha,
                        target_modules=tuple(config.target_modules) if config.target_modules else None,
-                       train_text_encoder=config.train_text_encoder)
+                       train_text_encoder=config.train_text_encoder, target_preset=config.target_preset)
 
 
 def _filter(paths: list[str], names: tuple[str, ...] | None, aliases: dict[str, str]) -> list[str]:
@@ -178,7 +180,8 @@ class Network:
 
     def _inject_unet(self) -> None:
         kinds = self.bundle.unet_targets(conv=self.spec.uses_conv)
-        paths = _filter(list(kinds), self.spec.target_modules, _UNET_ALIASES)
+        paths = apply_preset(list(kinds), self.spec.target_preset, self.bundle.family.attention)
+        paths = _filter(paths, self.spec.target_modules, _UNET_ALIASES)
         if not paths:
             return
         stems = {p: self.bundle.unet_lora_name(p) for p in paths}

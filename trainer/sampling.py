@@ -1,6 +1,6 @@
-"""Sample images from a bundle with a deterministic DDIM sampler and classifier-free guidance.
+"""Sample images from a bundle with a deterministic sampler (DDIM; Euler for flow models) and classifier-free guidance.
 
-Works for any `ModelBundle` (epsilon or v prediction) because it only needs `predict`, the noise schedule and the
+Works for any `ModelBundle` (epsilon, v or flow prediction) because it only needs `predict`, the noise schedule and the
 VAE decoder; samples with fixed seeds make before/after comparisons and progress previews meaningful.
 """
 
@@ -12,6 +12,7 @@ import torch
 
 from .bundle import ModelBundle, SizeInfo
 from .config import TrainConfig
+from .flow import sampler_sigmas
 
 
 def _eps_and_x0(pred: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
@@ -32,15 +33,17 @@ def sample_latents(bundle: ModelBundle, prompts: list[str], *, height: int, widt
     """DDIM (η=0) from pure noise; one fixed-seed noise per prompt, so repeated calls are comparable.
     `on_step(done, steps)` is called after each sampler step (a host's progress bar)."""
     device = bundle.device
-    ac = bundle.alphas_cumprod.to(device)
     n = len(prompts)
     gen = torch.Generator("cpu").manual_seed(seed)
-    channels = getattr(bundle, "latent_channels", 4)
+    channels = getattr(bundle, "latent_channels", bundle.family.latent_channels)
     x = torch.randn((n, channels, height // 8, width // 8), generator=gen).to(device)
     cond = bundle.encode_text(prompts)
     uncond = bundle.encode_text([negative] * n)
     both = type(cond).cat([uncond, cond])
     sizes = [SizeInfo((height, width), (0, 0), (height, width))] * (2 * n)
+    if bundle.prediction_type == "flow":
+        return _euler_flow(bundle, x, both, sizes, steps, cfg, on_step)
+    ac = bundle.alphas_cumprod.to(device)
     timesteps = torch.linspace(len(ac) - 1, 0, steps).round().long().tolist()
     for i, t in enumerate(timesteps):
         a = ac[t]
@@ -52,6 +55,37 @@ def sample_latents(bundle: ModelBundle, prompts: list[str], *, height: int, widt
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         if on_step is not None:
             on_step(i + 1, len(timesteps))
+    return x
+
+
+def _euler_flow(bundle: ModelBundle, x: torch.Tensor, both: object, sizes: list[SizeInfo], steps: int, cfg: float,
+                on_step: Callable[[int, int], None] | None) -> torch.Tensor:
+    """Euler on the velocity from σ=1 to 0, sigmas shifted as in training (the bundle's shift: the host's own).
+    Guidance-distilled families sample as their users do: cfg 1 (no unconditional pass) and their sampling guidance
+    (a bundle with a `guidance` attribute feeds it; training feeds the family's training value)."""
+    family = bundle.family
+    cfg = family.sample_cfg if family.sample_cfg is not None else cfg
+    sigmas = sampler_sigmas(steps, bundle.shift_sigmas).to(x.device)  # type: ignore[attr-defined]
+    n = x.shape[0]
+    uncond_sizes, cond_sizes = sizes[:n], sizes[n:]
+    previous = getattr(bundle, "guidance", None)
+    if family.sample_guidance is not None and hasattr(bundle, "guidance"):
+        bundle.guidance = family.sample_guidance  # type: ignore[attr-defined]
+    try:
+        for i in range(steps):
+            if cfg == 1.0:
+                v = bundle.predict(x, sigmas[i].expand(n), both[n:], cond_sizes).float()  # type: ignore[index]
+            else:
+                sigma = sigmas[i].expand(2 * n)
+                v_uncond, v_cond = bundle.predict(torch.cat([x, x]), sigma, both,  # type: ignore[arg-type]
+                                                  uncond_sizes + cond_sizes).float().chunk(2)
+                v = v_uncond + cfg * (v_cond - v_uncond)
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+            if on_step is not None:
+                on_step(i + 1, steps)
+    finally:
+        if hasattr(bundle, "guidance"):
+            bundle.guidance = previous  # type: ignore[attr-defined]
     return x
 
 

@@ -30,8 +30,28 @@ def _tokenizer():
     return load_clip_tokenizer("clip-l")
 
 
+def build_flux(seed=0, dtype=torch.float32, schnell=False):
+    """(MODEL, CLIP, VAE) of a tiny Flux-layout model (comfy/ldm/flux stand-in), CLIP-L-sized text, a 16-channel
+    VAE; the CLIP returns its attention mask like DiT text encoders, so captions keep their own lengths."""
+    from comfy.ldm.flux.model import Flux
+    from transformers import CLIPTextModel
+
+    config_cls = comfy.supported_models.FluxSchnell if schnell else comfy.supported_models.Flux
+    model_type = comfy.model_base.ModelType.FLOW if schnell else comfy.model_base.ModelType.FLUX
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        torch.manual_seed(seed)
+        dm = Flux(in_channels=16, hidden_size=32, num_heads=4, context_in_dim=TE_WIDTH, vec_in_dim=TE_WIDTH, depth=2,
+                  depth_single_blocks=2, guidance_embed=not schnell).to(dtype).eval().requires_grad_(True)
+        base = comfy.model_base.Flux(config_cls({}), model_type, diffusion_model=dm)
+        encoder = CLIPTextModel(_text_config(False)).eval().requires_grad_(True)
+    patcher = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    clip = comfy.sd.CLIP({"l": encoder}, _tokenizer(), attention_mask=True)
+    return patcher, clip, comfy.sd.VAE(channels=16)
+
+
 def build(kind="sd15", seed=0, dtype=torch.float32, dynamic=False):
-    """(MODEL patcher, CLIP, VAE) for kind ∈ sd15, sd20v, sdxl, flux (unsupported family)."""
+    """(MODEL patcher, CLIP, VAE) for kind ∈ sd15, sd20v, sdxl, wan (a family we refuse), flux2 (refused with a
+    reason); `build_flux` makes a Flux.1-layout model."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -40,7 +60,8 @@ def build(kind="sd15", seed=0, dtype=torch.float32, dynamic=False):
     if sdxl:
         unet_config.update(context_dim=2 * TE_WIDTH, num_classes="continuous", use_linear_in_transformer=True)
     config_cls = {"sd15": comfy.supported_models.SD15, "sd20v": comfy.supported_models.SD20,
-                  "sdxl": comfy.supported_models.SDXL, "flux": comfy.supported_models.Flux}[kind]
+                  "sdxl": comfy.supported_models.SDXL, "wan": comfy.supported_models.WAN21_T2V,
+                  "flux2": comfy.supported_models.Flux2}[kind]
     model_type = comfy.model_base.ModelType.V_PREDICTION if kind == "sd20v" else comfy.model_base.ModelType.EPS
     with torch.random.fork_rng(devices=[]), torch.inference_mode():
         torch.manual_seed(seed)

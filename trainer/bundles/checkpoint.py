@@ -109,9 +109,16 @@ def _reject_other_models(keys: list[str], source: str) -> None:
         msg = (f"{source} is a LoRA, not a checkpoint (it has keys like {lora!r}); give the base model the LoRA was "
                f"made for instead. Supported base models: {SUPPORTED}")
         raise UnsupportedModelError(msg)
-    checks = (
+    host_only = (
         (lambda k: "joint_blocks." in k, "a Stable Diffusion 3 / 3.5 (MMDiT) model"),
-        (lambda k: "double_blocks." in k, "a Flux model"),
+        (lambda k: "double_blocks." in k, "a Flux.1 / Chroma model"),
+    )
+    for test, what in host_only:
+        if any(test(k) for k in keys):
+            msg = (f"{source} is {what}: the command line loads SD1/SD2/SDXL checkpoints only so far; train it inside "
+                   "ComfyUI (load it there and connect the MODEL to LoRA Loop's TrainLoRA node)")
+            raise UnsupportedModelError(msg)
+    checks = (
         (lambda k: k == "clip_txt_mapper.weight" or ".channelwise." in k, "a Stable Cascade model"),
         (lambda k: k.startswith(UNET_PREFIX) and (".time_stack." in k or ".time_mixer." in k),
          "a Stable Video Diffusion (SVD) model"),

@@ -5,6 +5,7 @@ from enum import Enum
 
 import torch
 
+from . import conds
 from . import model_sampling as ms
 
 
@@ -12,12 +13,16 @@ class ModelType(Enum):
     EPS = 1
     V_PREDICTION = 2
     FLOW = 6
+    FLUX = 8
 
 
 def model_sampling(model_config, model_type):
-    c = {ModelType.EPS: ms.EPS, ModelType.V_PREDICTION: ms.V_PREDICTION}[model_type]
+    c = {ModelType.EPS: ms.EPS, ModelType.V_PREDICTION: ms.V_PREDICTION, ModelType.FLOW: ms.CONST,
+         ModelType.FLUX: ms.CONST}[model_type]
+    s = {ModelType.FLOW: ms.ModelSamplingDiscreteFlow, ModelType.FLUX: ms.ModelSamplingFlux}.get(
+        model_type, ms.ModelSamplingDiscrete)
 
-    class ModelSampling(ms.ModelSamplingDiscrete, c):
+    class ModelSampling(s, c):
         pass
 
     return ModelSampling(model_config)
@@ -59,6 +64,16 @@ class BaseModel(torch.nn.Module):
     def encode_adm(self, **kwargs):
         return None
 
+    def extra_conds(self, **kwargs):
+        out = {}
+        adm = self.encode_adm(**kwargs)
+        if adm is not None:
+            out["y"] = conds.CONDRegular(adm)
+        cross_attn = kwargs.get("cross_attn")
+        if cross_attn is not None:
+            out["c_crossattn"] = conds.CONDCrossAttn(cross_attn)
+        return out
+
     def process_latent_in(self, latent):
         return self.latent_format.process_in(latent)
 
@@ -76,3 +91,23 @@ class SDXL(BaseModel):
                   kwargs.get("target_height", height), kwargs.get("target_width", width)]
         flat = torch.cat([timestep_embedding(torch.Tensor([v]), self.embed_dim) for v in values]).flatten()
         return torch.cat((pooled, flat.unsqueeze(0).repeat(pooled.shape[0], 1).to(pooled.device)), dim=1)
+
+
+class Flux(BaseModel):
+    """0.12.3/0.33 `model_base.Flux`: pooled CLIP-L as `y`, `guidance` (3.5 when the conditioning has none)."""
+
+    def __init__(self, model_config, model_type=ModelType.FLUX, diffusion_model=None):
+        super().__init__(model_config, model_type, diffusion_model=diffusion_model)
+
+    def encode_adm(self, **kwargs):
+        return kwargs.get("pooled_output")
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
+        cross_attn = kwargs.get("cross_attn")
+        if cross_attn is not None:
+            out["c_crossattn"] = conds.CONDRegular(cross_attn)
+        guidance = kwargs.get("guidance", 3.5)
+        if guidance is not None:
+            out["guidance"] = conds.CONDRegular(torch.FloatTensor([guidance]))
+        return out

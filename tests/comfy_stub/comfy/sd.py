@@ -58,17 +58,19 @@ class ClipModels(torch.nn.Module):
 class CLIP:
     """`encoders`: {"l": CLIPTextModel} (SD1), {"h": …} (SD2) or {"l": …, "g": CLIPTextModelWithProjection} (SDXL)."""
 
-    def __init__(self, encoders, tokenizer, no_init=False):
+    def __init__(self, encoders, tokenizer, no_init=False, attention_mask=False):
         if no_init:
             return
         self.cond_stage_model = ClipModels(encoders)
         self.tokenizer = tokenizer
         self.patcher = ModelPatcher(self.cond_stage_model, torch.device("cpu"), torch.device("cpu"))
         self.layer_idx = None
+        self.attention_mask = attention_mask  # DiT text encoders (Lumina 2's Gemma …) also return their mask
 
     def clone(self):
         n = CLIP(None, None, no_init=True)
         n.cond_stage_model, n.tokenizer, n.layer_idx = self.cond_stage_model, self.tokenizer, self.layer_idx
+        n.attention_mask = self.attention_mask
         n.patcher = self.patcher.clone()
         return n
 
@@ -91,7 +93,14 @@ class CLIP:
         self.cond_stage_model.set_clip_options({"execution_device": self.patcher.load_device})
         cond, pooled = self.cond_stage_model.encode_token_weights(tokens)
         if return_dict:
-            return {"cond": cond, "pooled_output": pooled}
+            out = {"cond": cond, "pooled_output": pooled}
+            if self.attention_mask:
+                first = tokens[next(iter(tokens))]
+                # BOS, the words and EOS are real tokens; the rest pads (CLIP pads with EOS itself).
+                ends = [1 + [t for t, _ in chunk[1:]].index(self.tokenizer.pad_token_id) for chunk in first]
+                out["attention_mask"] = torch.tensor([[int(i <= end) for i in range(len(chunk))]
+                                                      for chunk, end in zip(first, ends, strict=True)]).reshape(1, -1)
+            return out
         return (cond, pooled) if return_pooled else cond
 
     def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict={}, show_pbar=True):  # noqa: B006
@@ -102,24 +111,30 @@ class CLIP:
 
 
 class PoolingEncoder(torch.nn.Module):
-    """The stand-in's `first_stage_model`: [B,3,H,W] in [-1,1] → raw latents [B,4,H/8,W/8]."""
+    """The stand-in's `first_stage_model`: [B,3,H,W] in [-1,1] → raw latents [B,C,H/8,W/8] (C = 4, or 16 for the
+    Flux-family VAE: the 4 pooled channels repeated with fixed per-channel gains)."""
 
-    def __init__(self):
+    def __init__(self, channels=4):
         super().__init__()
         self.calls = 0
+        self.channels = channels
 
     def encode(self, x):
         self.calls += 1
         pooled = torch.nn.functional.avg_pool2d(x, 8)
-        return torch.cat([pooled, pooled.mean(dim=1, keepdim=True)], dim=1) * 4.0
+        four = torch.cat([pooled, pooled.mean(dim=1, keepdim=True)], dim=1) * 4.0
+        if self.channels == 4:
+            return four
+        gains = torch.linspace(1.0, 0.25, self.channels, device=x.device).view(1, -1, 1, 1)
+        return four.repeat(1, self.channels // 4, 1, 1) * gains
 
 
 class VAE:
     """A fixed 8x pooling 'VAE': [B,H,W,3] in [0,1] → raw latents [B,4,H/8,W/8] and back. `encode` as 0.12.3's:
     load through model management, `process_input` (x·2-1), `first_stage_model.encode` in `vae_dtype` on `device`."""
 
-    def __init__(self):
-        self.first_stage_model = PoolingEncoder()
+    def __init__(self, channels=4):
+        self.first_stage_model = PoolingEncoder(channels)
         self.patcher = ModelPatcher(self.first_stage_model, torch.device("cpu"), torch.device("cpu"))
         self.device = self.output_device = torch.device("cpu")
         self.vae_dtype = torch.float32
@@ -149,6 +164,11 @@ def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
         stem, _, part = key.partition(".")
         stems.setdefault(stem, {})[part] = value
     unet = {s: v for s, v in stems.items() if s.startswith("lora_unet_")}
+    known = _generic_unet_keys(model)
+    if known is not None:  # comfy/lora.py's generic map, the one every DiT's LoRA goes through
+        for stem in [s for s in unet if s not in known]:
+            log.warning("lora key not loaded: %s", stem)
+            del unet[stem]
     te = {s: v for s, v in stems.items() if s.startswith("lora_te")}
     for stem in set(stems) - set(unet) - set(te):
         log.warning("lora key not loaded: %s", stem)
@@ -159,3 +179,13 @@ def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
     if new_clip is not None and te:
         new_clip.add_patches(te, strength_clip)
     return new_model, new_clip
+
+
+def _generic_unet_keys(model):
+    """`lora_unet_<path with _>` for every diffusion_model weight of a flow model (comfy/lora.py
+    model_lora_keys_unet); None for the SD UNets, whose kohya names go through a diffusers↔ldm map we do not mirror."""
+    base = getattr(model, "model", None)
+    if base is None or base.model_type.name not in ("FLOW", "FLUX"):
+        return None
+    return {"lora_unet_" + k[: -len(".weight")].replace(".", "_")
+            for k in base.diffusion_model.state_dict() if k.endswith(".weight")}

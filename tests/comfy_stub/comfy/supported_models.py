@@ -25,4 +25,17 @@ class SDXL(BASE):
 
 
 class Flux(BASE):
+    latent_format_cls = latent_formats.Flux
+
+
+class FluxSchnell(BASE):
+    latent_format_cls = latent_formats.Flux
+    sampling_settings = {"multiplier": 1.0, "shift": 1.0}
+
+
+class WAN21_T2V(BASE):  # a family LoRA Loop refuses (video)
+    latent_format_cls = latent_formats.LatentFormat
+
+
+class Flux2(BASE):  # refused with a reason
     latent_format_cls = latent_formats.LatentFormat

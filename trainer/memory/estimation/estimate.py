@@ -32,6 +32,7 @@ from ...families import Family, get_family
 from ...units import GIB
 from .architecture import ComponentSizes, family_sizes
 from .devices import COMPUTE_EFFICIENCY, MEMORY_EFFICIENCY, DeviceSpec
+from .dit import FULL_SIZE, dit_profile, live_dit
 from .profiles import ArchitectureProfile, family_profile
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,9 @@ class ModelInfo:
     @classmethod
     def for_family(cls, family: str) -> ModelInfo:
         fam = get_family(family)
+        if fam.is_flow:  # DiTs: closed-form step model of the released architecture (dit.py)
+            full = FULL_SIZE[fam.name]
+            return cls(fam, full.sizes, dit_profile(fam.name, full.shape))
         return cls(fam, family_sizes(fam.name), family_profile(fam.name))
 
     @classmethod
@@ -176,6 +180,9 @@ class ModelInfo:
         from .profiles import live_profile
 
         fam = get_family(family or bundle.family.name)  # type: ignore[attr-defined]
+        if fam.is_flow:  # a host's DiT, counted from its own modules (any size)
+            live = live_dit(fam.name, bundle.unet, list(bundle.unet_targets(False)))  # type: ignore[attr-defined]
+            return cls(fam, live.sizes, dit_profile(fam.name, live.shape))
         if not isinstance(bundle, DiffusersBundle):
             return cls.for_family(fam.name)
         sizes = component_sizes(bundle.unet, bundle.vae, [s.module for s in bundle.text_encoders])
