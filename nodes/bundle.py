@@ -188,14 +188,20 @@ def autograd_safe_residuals(roots: list[nn.Module]) -> Iterator[int]:
 
 
 # ComfyUI CLIP slot → kohya prefix, per family: SD1 has clip_l, SD2 clip_h, SDXL clip_l (te1) and clip_g (te2).
+# Flux.1's CLIP-L (te1; it gives the pooled vector) and SD3's CLIP-L/G (te1/te2) are what kohya trains; their T5 is not.
 CLIP_SLOTS = {"sd1": (("clip_l", "lora_te"),), "sd2": (("clip_h", "lora_te"),), "sd2-v": (("clip_h", "lora_te"),),
-              "sdxl": (("clip_l", "lora_te1"), ("clip_g", "lora_te2"))}
+              "sdxl": (("clip_l", "lora_te1"), ("clip_g", "lora_te2")), "flux1": (("clip_l", "lora_te1"),),
+              "flux1-schnell": (("clip_l", "lora_te1"),), "sd3": (("clip_l", "lora_te1"), ("clip_g", "lora_te2"))}
 
 
 def text_encoder_slots(clip: object, family: Family) -> list[TextEncoderSlot]:
     """The CLIP's text models as engine slots (for text-encoder LoRA training)."""
     model = getattr(clip, "cond_stage_model", None)
     slots = []
+    if family.name not in CLIP_SLOTS:
+        msg = (f"{family.name} has no CLIP text encoder to train (its encoder is an LLM or T5, which LoRA trainers "
+               "leave frozen); set train_text_encoder off")
+        raise UnsupportedModelError(msg)
     expected = CLIP_SLOTS[family.name]
     for attr, prefix in expected:
         transformer = getattr(getattr(model, attr, None), "transformer", None)

@@ -144,8 +144,8 @@ class TestRejected:
     ])
     def test_flow_models_are_sent_to_comfyui(self, keys: list[str], what: str) -> None:
         msg = detect_error(dict.fromkeys(keys, (1,)))
-        assert msg.startswith(f"{SRC} is {what}: the command line loads SD1/SD2/SDXL checkpoints only so far")
-        assert "TrainLoRA" in msg
+        assert msg.startswith(f"{SRC} is {what}: the command line loads single files of SD1/SD2/SDXL only so far")
+        assert "diffusers folder" in msg and "TrainLoRA" in msg
 
     @pytest.mark.parametrize(("keys", "what"), [
         (["clip_txt_mapper.weight", "down_blocks.0.0.channelwise.0.weight"], "a Stable Cascade model"),

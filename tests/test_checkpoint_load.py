@@ -210,10 +210,16 @@ class TestDiffusersFolder:
 
 class TestErrors:
     def test_folder_without_unet(self, tmp_path: Path) -> None:
+        (tmp_path / "model_index.json").write_text('{"_class_name": "PixArtAlphaPipeline", "transformer": '
+                                                   '["diffusers", "PixArtTransformer2DModel"]}')
+        with pytest.raises(UnsupportedModelError, match=f"^{tmp_path} is a PixArtAlphaPipeline model without a UNet, "
+                                                        "which LoRA Loop cannot train"):
+            load_checkpoint_bundle(tmp_path)
+
+    def test_incomplete_flux_folder(self, tmp_path: Path) -> None:
         (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline", "transformer": ["diffusers", '
                                                    '"FluxTransformer2DModel"]}')
-        with pytest.raises(UnsupportedModelError, match=f"^{tmp_path} is a FluxPipeline model without a UNet, which "
-                                                        "LoRA Loop cannot train"):
+        with pytest.raises(LoraLoopError, match=r"is a FluxPipeline folder without transformer/config\.json"):
             load_checkpoint_bundle(tmp_path)
 
     def test_missing_path(self, tmp_path: Path) -> None:

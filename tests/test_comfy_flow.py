@@ -25,6 +25,7 @@ from loraloop.nodes.widgets import node_config
 from loraloop.trainer import flow, loop
 from loraloop.trainer.bundle import Conditioning
 from loraloop.trainer.errors import TrainingInterrupted
+from loraloop.trainer.families import get_family
 from loraloop.trainer.loss import LossSettings, diffusion_loss, draw_noise
 from loraloop.trainer.network import Network, NetworkSpec
 
@@ -285,3 +286,22 @@ def test_the_planner_counts_the_hosts_own_dit():
     small = estimate_memory(info, RunShape("flux1", (64, 64), mixed_precision="no"), cpu_device())
     large = estimate_memory(info, RunShape("flux1", (256, 256), mixed_precision="no"), cpu_device())
     assert 0 < small.parts["activations"] < large.parts["activations"]
+
+
+def test_text_encoder_lora_trains_flux_clip_l_only(host):
+    """train_text_encoder on Flux.1: CLIP-L (kohya lora_te1, it makes the pooled vector) trains beside the DiT; the
+    T5 stays frozen. Families without a CLIP refuse it with the reason."""
+    patcher, clip, vae = stub_models.build_flux()
+    snap = snapshot(clip.cond_stage_model)
+    with torch.inference_mode():
+        run = train_lora(patcher, clip, vae, dataset(host), node_config({**FAST, "max_train_steps": 2,
+                                                                        "train_text_encoder": True}),
+                         name="fte", node_id="7")
+    prefixes = {k.split("_")[0] + "_" + k.split("_")[1] for k in run.lora}
+    assert prefixes == {"lora_unet", "lora_te1"}
+    assert_unchanged(clip.cond_stage_model, snap)
+    from loraloop.nodes.bundle import text_encoder_slots
+    from loraloop.trainer.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="zimage has no CLIP text encoder"):
+        text_encoder_slots(clip, get_family("zimage"))

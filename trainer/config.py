@@ -45,9 +45,9 @@ class TrainConfig:
     UIs."""
 
     # model
-    base_model: str = _f("builtin:tiny-sd1", "Checkpoint (.safetensors/.ckpt), diffusers folder, or a built-in "
-                         "model: builtin:demo-base, builtin:tiny-sd1, builtin:tiny-sdxl, builtin:tiny-flux1, "
-                         "builtin:tiny-sd3.", group="model")
+    base_model: str = _f("builtin:tiny-sd1", "Checkpoint (.safetensors/.ckpt) of SD 1.x/2.x/XL, a diffusers folder "
+                         "(also Flux.1 and SD3/3.5), or a built-in model: builtin:demo-base, builtin:tiny-sd1, "
+                         "builtin:tiny-sdxl, builtin:tiny-flux1, builtin:tiny-sd3.", group="model")
     family: str | None = _f(None, "Model family when it cannot be detected: sd1, sd2, sd2-v, sdxl, flux1, sd3, ….",
                             choices=(None, "sd1", "sd2", "sd2-v", "sdxl", "flux1", "flux1-schnell", "chroma", "sd3",
                                      "zimage", "lumina2", "qwen-image"), group="model")

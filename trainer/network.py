@@ -180,7 +180,8 @@ class Network:
 
     def _inject_unet(self) -> None:
         kinds = self.bundle.unet_targets(conv=self.spec.uses_conv)
-        paths = apply_preset(list(kinds), self.spec.target_preset, self.bundle.family.attention)
+        attention = getattr(getattr(self.bundle, "arch", None), "attention", None) or self.bundle.family.attention
+        paths = apply_preset(list(kinds), self.spec.target_preset, attention)
         paths = _filter(paths, self.spec.target_modules, _UNET_ALIASES)
         if not paths:
             return
@@ -214,17 +215,24 @@ class Network:
 
     # -- export / import ------------------------------------------------------------------------------------------
     def state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        """The adapters in kohya's (LoRA/LoCon) or LyCORIS's (LoHa/LoKr) key layout, every tensor in `dtype`."""
+        """The adapters in kohya's (LoRA/LoCon) or LyCORIS's (LoHa/LoKr) key layout, every tensor in `dtype`; a bundle
+        whose `lora_key_style` is `diffusers` gets diffusers' `lora_A`/`lora_B` names (its stems are module paths)."""
         out: dict[str, torch.Tensor] = {}
+        diffusers_keys = getattr(self.bundle, "lora_key_style", "kohya") == "diffusers"
         for stem, layer in self._layers().items():
-            for key, tensor in _export_layer(self.spec.network_type, layer).items():
+            tensors = _export_layer(self.spec.network_type, layer)
+            if diffusers_keys and "lora_up.weight" in tensors:
+                tensors = _diffusers_layer(tensors)
+            for key, tensor in tensors.items():
                 out[f"{stem}.{key}"] = tensor.detach().to("cpu", dtype).contiguous()
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a kohya/LyCORIS state dict written for the same modules and ranks (continue training, apply)."""
+        """Load a kohya/LyCORIS (or diffusers lora_A/lora_B) state dict written for the same modules and ranks
+        (continue training, apply)."""
+        state = kohya_keys(state)
         layers = self._layers()
-        stems = {k.split(".", 1)[0] for k in state}
+        stems = stems_of(state)
         missing, unexpected = sorted(set(layers) - stems), sorted(stems - set(layers))
         if unexpected:
             msg = (f"{len(unexpected)} LoRA modules do not exist in this model/network (e.g. {unexpected[:3]}); "
@@ -234,8 +242,8 @@ class Network:
             log.warning("%d adapted modules are not in the file and keep their fresh initialisation (e.g. %s)",
                         len(missing), missing[:3])
         for stem in sorted(stems):
-            _import_layer(self.spec.network_type, layers[stem], {k.split(".", 1)[1]: v for k, v in state.items()
-                                                                 if k.split(".", 1)[0] == stem}, stem)
+            _import_layer(self.spec.network_type, layers[stem], {split_key(k)[1]: v for k, v in state.items()
+                                                                 if split_key(k)[0] == stem}, stem)
 
     # -- removal --------------------------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -260,6 +268,49 @@ def applied_lora(bundle: ModelBundle, spec: NetworkSpec, tensors: dict[str, torc
     with Network(bundle, replace(spec, train_unet=True)) as network:
         network.load_state_dict({k: v.float() for k, v in tensors.items()})
         yield network
+
+
+DIFFUSERS_KEYS = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+# Every per-module tensor name a kohya/LyCORIS/diffusers LoRA file holds after its module stem.
+ADAPTER_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight", "alpha",
+                    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w2",
+                    "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "dora_scale")
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(module stem, tensor name) of a LoRA key; stems may hold dots (diffusers: `transformer.x.attn.to_q`)."""
+    for suffix in ADAPTER_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    stem, _, rest = key.partition(".")
+    return stem, rest
+
+
+def stems_of(state: dict[str, torch.Tensor]) -> set[str]:
+    return {split_key(k)[0] for k in state}
+
+
+def kohya_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stems split off at the adapter suffix, `lora_A`/`lora_B` renamed to kohya's `lora_down`/`lora_up` (diffusers'
+    stems hold dots: `transformer.x.attn.to_q`, so the stem is what precedes the suffix, not the first dot)."""
+    if not any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state):
+        return state
+    back = {v: k for k, v in DIFFUSERS_KEYS.items()}
+    out = {}
+    for key, value in state.items():
+        for new, old in back.items():
+            if key.endswith("." + new):
+                key = key[: -len(new)] + old
+        out[key] = value
+    return out
+
+
+def _diffusers_layer(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' names with the alpha/rank scale baked into lora_B and no alpha key: every loader then computes the
+    same B·A (diffusers reads no alpha for SD3 files, ComfyUI and diffusers' Flux loader default to scale 1)."""
+    down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+    scale = float(tensors["alpha"]) / down.shape[0]
+    return {DIFFUSERS_KEYS["lora_down.weight"]: down, DIFFUSERS_KEYS["lora_up.weight"]: up * scale}
 
 
 def _export_layer(network_type: str, layer: nn.Module) -> dict[str, torch.Tensor]:
@@ -312,7 +363,8 @@ def spec_from_state_dict(state: dict[str, torch.Tensor], base: NetworkSpec,
     LoKr layers with two full Kronecker factors do not reveal their rank (it only decided the factorisation), so it is
     read from the file's `ss_network_dim` metadata, else taken from `base`.
     """
-    stems = sorted({k.split(".", 1)[0] for k in state})
+    state = kohya_keys(state)
+    stems = sorted(stems_of(state))
     if any(k.endswith(".hada_w1_a") for k in state):
         network_type = "loha"
     elif any(".lokr_" in k for k in state):

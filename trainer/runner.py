@@ -20,6 +20,7 @@ from .bundles.diffusers_bundle import DiffusersBundle
 from .config import TrainConfig
 from .data import LatentCache, TrainDataset, format_bucket_table
 from .distributed import SINGLE, World, process_group
+from .errors import ConfigError
 from .loop import TrainResult
 from .lorafile import atomic_write, save_lora
 from .memory import release_memory
@@ -167,7 +168,6 @@ def plan_memory(config: TrainConfig, dataset: TrainDataset, bundle: ModelBundle 
     """
     if not (torch.cuda.is_available() or config.vram_budget_gb):
         return None
-    from .errors import ConfigError
     from .memory import GIB, plan_for_config
 
     free = int(config.vram_budget_gb * GIB) if config.vram_budget_gb else None
@@ -229,6 +229,10 @@ def _run(config: TrainConfig, sink: ProgressSink, world: World, *, bundle: Model
     if bundle is None:
         sink.status(f"loading {config.base_model}")
         bundle = load_bundle(config, device="cpu" if staged else device)
+    if config.train_text_encoder and bundle.family.is_flow:
+        msg = (f"train_text_encoder: the command line trains the {bundle.family.name} transformer only; train its CLIP "
+               "inside ComfyUI (TrainLoRA), or turn train_text_encoder off")
+        raise ConfigError(msg, key="train_text_encoder", value=True)
     session = TrainingSession(bundle, config, dataset, sink, SessionHooks(
         lora_path=lambda stem: folder / f"{stem}.safetensors", find_lora=lambda value: find_lora_file(value, [folder]),
         samples_dir=folder / "samples", save_on_cancel=world.is_main))

@@ -25,7 +25,7 @@ from .errors import ConfigError, LoraFileError, OutOfMemory, TrainingInterrupted
 from .loop import TrainResult, make_schedule, network_spec, train
 from .lorafile import load_lora, save_lora
 from .metadata import RunInfo
-from .network import NetworkSpec, spec_from_state_dict
+from .network import NetworkSpec, kohya_keys, spec_from_state_dict, stems_of
 from .periodic import PeriodicSaver
 from .progress import ProgressSink
 from .resize import prune_to_energy
@@ -97,7 +97,7 @@ def spec_of(state: dict[str, torch.Tensor], base: NetworkSpec, metadata: dict[st
     """The spec that loads `state` exactly: its rank and alpha pinned for every module (a module whose rank equals
     the most common one would otherwise take `base`'s conv_rank)."""
     spec = spec_from_state_dict(state, base, metadata)
-    stems = {k.split(".", 1)[0] for k in state}
+    stems = stems_of(kohya_keys(state))
     return replace(spec, rank_by_module={s: spec.rank_by_module.get(s, spec.rank) for s in stems},
                    alpha_by_module={s: spec.alpha_by_module.get(s, spec.alpha) for s in stems})
 

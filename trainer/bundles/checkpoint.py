@@ -115,8 +115,9 @@ def _reject_other_models(keys: list[str], source: str) -> None:
     )
     for test, what in host_only:
         if any(test(k) for k in keys):
-            msg = (f"{source} is {what}: the command line loads SD1/SD2/SDXL checkpoints only so far; train it inside "
-                   "ComfyUI (load it there and connect the MODEL to LoRA Loop's TrainLoRA node)")
+            msg = (f"{source} is {what}: the command line loads single files of SD1/SD2/SDXL only so far; give the "
+                   "model's diffusers folder (FluxPipeline / StableDiffusion3Pipeline, with model_index.json), or "
+                   "train it inside ComfyUI (load it there and connect the MODEL to LoRA Loop's TrainLoRA node)")
             raise UnsupportedModelError(msg)
     checks = (
         (lambda k: k == "clip_txt_mapper.weight" or ".channelwise." in k, "a Stable Cascade model"),
@@ -599,6 +600,10 @@ def _load_diffusers_folder(folder: Path, family: str | None, prediction_type: st
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     index = _read_json(folder / "model_index.json")
+    from .flow_loading import is_flow_folder, load_flow_folder  # diffusers' flow classes load only when needed
+
+    if is_flow_folder(index):
+        return load_flow_folder(folder, index, family, dtype)  # type: ignore[return-value]
     base = _base_from_folder(folder, index)
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_path) if scheduler_path.is_file() else {}
