@@ -284,7 +284,13 @@ class ComfyBundle:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' dtype as ComfyUI holds them (fp8 included: they are trained on as they are)."""
         return self.patcher.model_dtype()  # type: ignore[attr-defined]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """What ComfyUI computes in: its manual-cast dtype for weights stored narrower (fp8 → bf16/fp16)."""
+        return getattr(self.base_model, "manual_cast_dtype", None) or self.dtype
 
     # -- images ---------------------------------------------------------------------------------------------------
     # The VAE and CLIP are frozen and their weights are inference tensors with requires_grad=True (ComfyUI 0.12.3):

@@ -49,8 +49,10 @@ def plan_run(bundle: object, config: TrainConfig, dataset: object) -> Plan | Non
     """The plan for `config` on `bundle`'s device; None when the model has no memory profile (never for SD1/2/XL)."""
     memory = HostMemory(int(config.vram_budget_gb * GIB), False) if config.vram_budget_gb else host_memory(bundle)
     try:
+        # The weights stay in the dtype ComfyUI loaded them in (fp8 too): that is what the UNet takes on the device.
         return plan_for_config(config, bundle=bundle, dataset=dataset, free=memory.free, auto=set(config.auto),
-                               weights_resident=memory.weights_resident, margin=config.memory_margin)
+                               weights_resident=memory.weights_resident, margin=config.memory_margin,
+                               weight_bytes=bundle.dtype.itemsize)  # type: ignore[attr-defined]
     except ConfigError as err:
         log.warning("LoRA Loop: no memory plan (%s); training with the settings as given", err)
         return None
@@ -75,7 +77,7 @@ def describe_plan(model: object, dataset: object, node_config: object) -> str:
     from .bundle import ComfyBundle
 
     bundle = ComfyBundle(model, None, None)
-    config = node_config.resolve(bundle.family, bundle.prediction_type, bundle.dtype)  # type: ignore[attr-defined]
+    config = node_config.resolve(bundle.family, bundle.prediction_type, bundle.compute_dtype)  # type: ignore[attr-defined]
     config = dataset.config_for(config)  # type: ignore[attr-defined]
     train_dataset = dataset.build(config)  # type: ignore[attr-defined]
     plan = plan_run(bundle, config, train_dataset)

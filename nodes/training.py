@@ -150,7 +150,7 @@ def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_conf
     with torch.inference_mode(False):
         base = checkpoint_name(model)
         bundle = ComfyBundle(model, clip, vae, name=base)
-        config = node_config.resolve(bundle.family, bundle.prediction_type, bundle.dtype)
+        config = node_config.resolve(bundle.family, bundle.prediction_type, bundle.compute_dtype)
         config = dataset.config_for(replace(config, output_name=name, base_model=base))
         train_dataset = dataset.build(config)
         sink = ComfySink(node_id)

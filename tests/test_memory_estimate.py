@@ -174,6 +174,10 @@ class TestDiTFamilies:
         assert smaller.parts["activations"] < 0.35 * peak.parts["activations"]
         seconds = estimate_time(info, base, device).seconds_per_step
         assert 1.0 < seconds < 10.0  # kohya reports ~2-4 s/step for Flux LoRA at 1024 on a 4090 (fp8)
+        # A host holding the weights in fp8 (ComfyUI's fp8_e4m3fn / fp8_scaled): one byte each, nothing upcast.
+        fp8 = estimate_memory(info, RunShape("flux1", (1024, 1024), lora_rank=16, gradient_checkpointing=True,
+                                             mixed_precision="bf16", weight_bytes=1), device)
+        assert fp8.parts["weights_unet"] == 11_900_000_000 and fp8.peak < 16 * GIB
 
 
 class TestPublishedNumbers:

@@ -69,6 +69,8 @@ class RunShape:
             runner caches first, `runner.encode_then_load_unet`: at SDXL 1024 the VAE's encode transient beside the
             UNet breaks 8 GB).
         cache_batch_size: images the VAE encodes at once while caching (`LatentCache.prepare(batch_size=…)`).
+        weight_bytes: bytes per frozen denoiser weight when the host fixed them (ComfyUI's fp8 models: 1); None:
+            by precision (2 in fp16/bf16, 4 in fp32).
     """
 
     family: str
@@ -93,6 +95,7 @@ class RunShape:
     mean_area: float | None = None
     cache_with_unet_resident: bool = False
     cache_batch_size: int = 1
+    weight_bytes: float | None = None
 
     @property
     def chunk(self) -> int:
@@ -211,7 +214,7 @@ def estimate_memory(info: ModelInfo, shape: RunShape, device: DeviceSpec) -> Mem
     vae_weights = sizes.vae * 4
     te_off = shape.cache_text and shape.offload_encoders and not shape.train_text_encoder
     vae_off = shape.cache_latents and shape.offload_encoders
-    resident = {"weights_unet": sizes.unet * weight_bytes,
+    resident = {"weights_unet": int(sizes.unet * (shape.weight_bytes or weight_bytes)),
                 "weights_text_encoders": 0 if te_off else te_weights,
                 "weights_vae": 0 if vae_off else vae_weights}
     if shape.weights_resident:

@@ -67,7 +67,7 @@ def plan_for_config(config: TrainConfig, *, bundle: object | None = None, datase
                     device: DeviceSpec | None = None, free: int | None = None,
                     auto: frozenset[str] | set[str] = frozenset(PLANNABLE), weights_resident: bool | None = None,
                     info: ModelInfo | None = None, calibration: float = 1.0, memory_scale: float = 1.0,
-                    margin: float = DEFAULT_MARGIN) -> Plan:
+                    margin: float = DEFAULT_MARGIN, weight_bytes: float | None = None) -> Plan:
     """The plan for `config` on this machine (or on `device` with `free` bytes).
 
     Args:
@@ -76,6 +76,7 @@ def plan_for_config(config: TrainConfig, *, bundle: object | None = None, datase
         device, free: plan for another device / budget (default: the current one, its free memory).
         auto: config keys the plan may change.
         weights_resident: the frozen model already occupies device memory (default: a bundle on a CUDA device).
+        weight_bytes: bytes per frozen denoiser weight when a host holds them in its own dtype (fp8: 1).
     """
     info = info or model_info(config, bundle)
     torch_device = getattr(bundle, "device", None)
@@ -86,7 +87,7 @@ def plan_for_config(config: TrainConfig, *, bundle: object | None = None, datase
         weights_resident = torch_device is not None and torch_device.type == device.kind == "cuda"
     facts = DatasetFacts.from_dataset(dataset) if dataset is not None else DatasetFacts()
     request = PlanRequest(info, device, free, frozenset(auto), facts, margin=margin, weights_resident=weights_resident,
-                          calibration=calibration, memory_scale=memory_scale)
+                          calibration=calibration, memory_scale=memory_scale, weight_bytes=weight_bytes)
     plan = make_plan(config, request)
     steps = steps_for(config, facts.samples_per_epoch, plan.shape.batch_size, plan.shape.accumulation_steps)
     return replace(plan, total_steps=steps)

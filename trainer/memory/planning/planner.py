@@ -196,6 +196,7 @@ class PlanRequest:
         optimizers: optimizers that can be used here (default: all installed).
         calibration: measured / predicted seconds from a probe (1.0: none).
         memory_scale: measured / predicted activation bytes from a probe (1.0: none).
+        weight_bytes: bytes per frozen denoiser weight as the host holds them (fp8: 1); None: by precision.
     """
 
     info: ModelInfo
@@ -208,6 +209,7 @@ class PlanRequest:
     optimizers: tuple[str, ...] | None = None
     calibration: float = 1.0
     memory_scale: float = 1.0
+    weight_bytes: float | None = None
 
 
 def _bucket(config: TrainConfig, resolution: int, facts: DatasetFacts) -> tuple[int, int]:
@@ -230,6 +232,7 @@ def _base_shape(config: TrainConfig, request: PlanRequest) -> RunShape:
     facts = request.dataset
     return RunShape.from_config(config, request.info.family.name, bucket=_bucket(config, config.resolution, facts),
                                 mean_area=facts.mean_area, weights_resident=request.weights_resident,
+                                weight_bytes=request.weight_bytes,
                                 cache_text=config.cache_text_encoder_outputs and _text_cacheable(config, facts))
 
 
