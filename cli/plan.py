@@ -10,6 +10,7 @@ plannable key except the resolution is auto. The lead's `cli/__init__.py` regist
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -36,6 +37,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--margin", type=float, default=None, help="share of free memory kept spare (default 0.10)")
     p.add_argument("--auto-all", action="store_true", help="with --config: let the plan change every plannable key")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--no-tiers", action="store_true", help="leave out the table of plans per card size")
     p.set_defaults(func=cmd_plan)
     return p
 
@@ -83,6 +85,7 @@ def _device(args: argparse.Namespace):  # noqa: ANN202
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the plan (text or JSON); exit 1 when nothing fits."""
     from ..trainer.memory import DEFAULT_MARGIN, ModelInfo, model_info, plan_for_config
+    from ..trainer.memory.planning.tiers import format_tiers, tier_table
 
     config, auto, source = _config_and_auto(args)
     device, free, resident = _device(args)
@@ -91,11 +94,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = plan_for_config(config, dataset=dataset, device=device, free=free, auto=auto, weights_resident=resident,
                            info=info, margin=DEFAULT_MARGIN if args.margin is None else args.margin)
     recommendations = _recommendations(config, dataset, plan, info.family.name)
+    tiers = [] if args.no_tiers else tier_table(config, info, device)
     if args.json:
         out = plan.to_dict()
         out["config"] = source
         out["family"] = info.family.name
         out["recommendations"] = [{"key": r.key, "value": r.value, "reason": r.reason} for r in recommendations]
+        out["tiers"] = [dataclasses.asdict(row) for row in tiers]
         print(json.dumps(out, indent=2, default=str))
     else:
         print(f"plan for {source or info.family.name} ({info.family.name}, auto: {', '.join(sorted(auto)) or 'none'})")
@@ -103,6 +108,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(line)
         for rec in recommendations:
             print(f"recommend:         {rec}")
+        if tiers:
+            print("\n".join(format_tiers(tiers)))
     return 0 if plan.fits else 1
 
 

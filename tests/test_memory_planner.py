@@ -169,3 +169,44 @@ class TestTextCache:
 
         assert RunShape.from_config(TrainConfig(), "sd1").cache_text
         assert not RunShape.from_config(TrainConfig(cache_text_encoder_outputs=False), "sd1").cache_text
+
+
+# The tier table of `loraloop plan` for the families issue 13 names (generic GPU, rank 16, peaks to 0.5 GB). Published
+# figures it should stay near: Qwen-Image bf16 42 GB (musubi-tuner), Flux.1 dev needs fp8 weights for 24 GB (kohya),
+# SDXL 1024 about 6 GB, SD1.5 512 about 3 GB. A change to the estimate that moves a row fails here: update on purpose.
+TIER_SNAPSHOT = {
+    "flux1": [(8, "bf16", False, 26.0), (12, "bf16", False, 26.0), (16, "bf16", False, 26.0), (24, "bf16", False, 26.0),
+              (48, "bf16", True, 26.0), (8, "fp8", False, 15.0), (12, "fp8", False, 15.0), (16, "fp8", False, 15.0),
+              (24, "fp8", True, 15.0), (48, "fp8", True, 15.0)],
+    "qwen-image": [(8, "bf16", False, 43.0), (12, "bf16", False, 43.0), (16, "bf16", False, 43.0),
+                   (24, "bf16", False, 43.0), (48, "bf16", False, 43.0), (8, "fp8", False, 24.0),
+                   (12, "fp8", False, 24.0), (16, "fp8", False, 24.0), (24, "fp8", False, 24.0),
+                   (48, "fp8", True, 24.0)],
+    "sdxl": [(8, "bf16", True, 6.5), (12, "bf16", True, 6.5), (16, "bf16", True, 6.5), (24, "bf16", True, 14.5),
+             (48, "bf16", True, 14.5), (8, "fp8", True, 4.5), (12, "fp8", True, 4.5), (16, "fp8", True, 12.0),
+             (24, "fp8", True, 12.0), (48, "fp8", True, 12.0)],
+    "sd1": [(8, "bf16", True, 3.0), (12, "bf16", True, 3.0), (16, "bf16", True, 3.0), (24, "bf16", True, 3.0),
+            (48, "bf16", True, 3.0), (8, "fp8", True, 2.5), (12, "fp8", True, 2.5), (16, "fp8", True, 2.5),
+            (24, "fp8", True, 2.5), (48, "fp8", True, 2.5)],
+}
+
+
+@pytest.mark.parametrize("family", sorted(TIER_SNAPSHOT))
+def test_the_tier_table_is_stable(family):
+    from loraloop.trainer.memory import GENERIC_GPU, ModelInfo
+    from loraloop.trainer.memory.planning.tiers import format_tiers, tier_table
+
+    resolution = 512 if family == "sd1" else 1024
+    config = TrainConfig(family=family, resolution=resolution, lora_rank=16, cache_latents=True).validate()
+    rows = tier_table(config, ModelInfo.for_family(family), GENERIC_GPU, tiers=(8, 12, 16, 24, 48))
+    assert [(r.vram_gb, r.weights, r.fits, round(r.peak_gb * 2) / 2) for r in rows] == TIER_SNAPSHOT[family]
+    text = "\n".join(format_tiers(rows))
+    assert "does not fit" in text or family in ("sdxl", "sd1")
+
+
+def test_plan_prints_the_tier_table(capsys):
+    from loraloop.cli import main
+
+    code = main(["plan", "--family", "flux1", "--resolution", "1024", "--vram-gb", "24", "--rank", "16"])
+    out = capsys.readouterr().out
+    assert code == 1 and "VRAM tiers" in out and "24 GB  fp8" in out
