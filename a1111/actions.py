@@ -34,8 +34,6 @@ def error_html(err: BaseException) -> str:
 def model_info() -> str:
     """A line about the loaded model (never loads one)."""
     model = webui.loaded_model()
-    if forge.detected(model):
-        return forge.BANNER
     if model is None:
         return "No model loaded yet: the checkpoint selected at the top of the page is loaded when training starts."
     try:
@@ -166,13 +164,14 @@ class TabActions:
             values = self.values(args)
             model = webui.loaded_model()
             bundle = None
-            if model is None or forge.detected(model):
+            if model is None:
                 config = widgets.unresolved_config(widgets.parse_values(values), training.native_resolution())
                 facts = None
             else:
                 facts = describe(model)
                 config = widgets.resolve(widgets.parse_values(values), facts.family, facts.prediction_type, facts.dtype)
-                bundle = WebuiBundle(model, webui.compute_device())
+                bundle = forge.ForgeBundle(model) if forge.detected(model) else WebuiBundle(model,
+                                                                                            webui.compute_device())
             from ..trainer.batches import dataset_options
             from ..trainer.data import TrainDataset
 

@@ -71,4 +71,6 @@ def memory_plan_text(config: TrainConfig, bundle: object | None, dataset: TrainD
                                margin=config.memory_margin)
     except (LoraLoopError, ImportError, ValueError) as err:
         return f"Memory plan unavailable: {err}"
-    return "Memory plan:\n" + "\n".join(plan.lines())
+    from ..trainer.memory.planning.tiers import tier_lines_for
+
+    return "Memory plan:\n" + "\n".join([*plan.lines(), *tier_lines_for(config, bundle)])

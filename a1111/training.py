@@ -159,12 +159,17 @@ class Placements:
 
 
 @contextlib.contextmanager
-def training_session(bundle: WebuiBundle) -> Iterator[tuple[Placements, list[str]]]:
-    """Clean base weights in, everything restored out (see the module docstring). Yields (placements, removed LoRAs)."""
-    placements = Placements(bundle)
+def training_session(bundle: WebuiBundle | forge.ForgeBundle) -> Iterator[tuple[Placements, list[str]]]:
+    """Clean base weights in, everything restored out (see the module docstring). Yields (placements, removed LoRAs).
+    In Forge its model management does both (forge.training_memory)."""
+    placements = Placements(bundle)  # type: ignore[arg-type]
     cuda = [bundle.device.index or 0] if bundle.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         try:
+            if isinstance(bundle, forge.ForgeBundle):
+                with forge.training_memory(bundle), forge.grad_ready(bundle):
+                    yield placements, []
+                return
             removed = webui.clear_applied_networks(bundle.sd_model)
             with webui.training_attention():
                 yield placements, removed
@@ -176,7 +181,12 @@ def training_session(bundle: WebuiBundle) -> Iterator[tuple[Placements, list[str
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
-def check_model_supports(config: TrainConfig, bundle: WebuiBundle) -> None:
+def check_model_supports(config: TrainConfig, bundle: WebuiBundle | forge.ForgeBundle) -> None:
+    if isinstance(bundle, forge.ForgeBundle):
+        if config.train_text_encoder and not bundle.can_train_text():
+            raise ConfigError(f"train_text_encoder: this {bundle.family.name} CLIP has no text model LoRA Loop can "
+                              "adapt; turn train_text_encoder off", key="train_text_encoder", value=True)
+        return
     if config.train_text_encoder and not bundle.text_encoders:
         why = ("its text encoders are OpenCLIP models with fused attention" if bundle.family.name != "sd1"
                else "its text encoder is not a CLIP model")
@@ -193,16 +203,18 @@ def preview_prompt(config: TrainConfig, dataset: TrainDataset) -> str:
 
 
 # -- the run -----------------------------------------------------------------------------------------------------------
-def prepare(values: dict[str, Any]) -> tuple[WebuiBundle, TrainConfig, widgets.TabSettings]:
+def prepare(values: dict[str, Any]) -> tuple[WebuiBundle | forge.ForgeBundle, TrainConfig, widgets.TabSettings]:
     """Check the loaded model and the settings; raise before anything is touched."""
     settings = widgets.parse_values(values)
     model = webui.sd_model()
-    if forge.detected(model):
-        raise UnsupportedModelError(forge.TRAINING_UNSUPPORTED)
     if getattr(webui.cmd_opts(), "lowvram", False):
         raise UnsupportedModelError("training with --lowvram is not possible (the webui's own trainers refuse it "
                                     "too); restart without --lowvram (--medvram works)")
-    bundle = WebuiBundle(model, webui.compute_device())
+    if forge.detected(model) and hasattr(model, "forge_objects"):
+        forge.check_trainable(model)
+        bundle: WebuiBundle | forge.ForgeBundle = forge.ForgeBundle(model)
+    else:
+        bundle = WebuiBundle(model, webui.compute_device())
     config = widgets.resolve(settings, bundle.family, bundle.prediction_type, bundle.dtype,
                           base_model=webui.checkpoint_file(model))
     if "output_dir" not in settings.mapping:
@@ -231,6 +243,8 @@ def run_training(values: dict[str, Any], *, live: LiveStatus = LIVE) -> JobResul
         live.finish(f"failed: {err}")
         raise
     job.refreshed = webui.refresh_networks()
+    if isinstance(bundle, forge.ForgeBundle):
+        forge.forget_cached_lora()  # Forge caches LoRA files by name: a retrained one must be read again
     webui.state().textinfo = job.summary()
     live.finish(job.summary())
     return job

@@ -12,7 +12,7 @@ import html
 import json
 from typing import Any
 
-from . import actions, captions, forge, webui, widgets
+from . import actions, captions, webui, widgets
 
 TAB_TITLE = "LoRA Loop"
 TAB_ID = "loraloop"
@@ -59,13 +59,12 @@ def build_tab() -> Any:
     fields = widgets.form_fields(work_dir)
     by_name = {f.name: f for f in fields}
     components: dict[str, Any] = {}
-    in_forge = forge.detected()
     hints = html.escape(json.dumps(widgets.tooltips(work_dir)))
 
     with gr.Blocks(analytics_enabled=False) as tab:
         gr.HTML(f"<div id='loraloop_hints' style='display:none'>{hints}</div>")
         with gr.Row():
-            model_md = gr.Markdown(forge.BANNER if in_forge else actions.model_info(), elem_id="loraloop_model")
+            model_md = gr.Markdown(actions.model_info(), elem_id="loraloop_model")
             model_refresh = gr.Button("Refresh model info", elem_id="loraloop_model_refresh")
 
         gr.Markdown("### 1. Dataset")
@@ -127,8 +126,7 @@ def build_tab() -> Any:
 
         gr.Markdown("### 4. Train")
         with gr.Row():
-            train = gr.Button("Forge: training not supported" if in_forge else "Train", variant="primary",
-                              interactive=not in_forge, elem_id="loraloop_train")
+            train = gr.Button("Train", variant="primary", elem_id="loraloop_train")
             cancel = gr.Button("Cancel", elem_id="loraloop_cancel")
         task_id = gr.Textbox(value="", visible=False, elem_id="loraloop_task_id")
         live_refresh = gr.Button("refresh", elem_id="loraloop_refresh_live")

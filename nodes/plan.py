@@ -83,4 +83,6 @@ def describe_plan(model: object, dataset: object, node_config: object) -> str:
     plan = plan_run(bundle, config, train_dataset)
     head = (f"{bundle.family.name} ({bundle.prediction_type}) on {bundle.device}; {len(train_dataset.records)} images, "
             f"{len(train_dataset)} samples per epoch at {config.resolution}px")
-    return f"{head}\n{plan_text(plan)}"
+    from ..trainer.memory.planning.tiers import tier_lines_for
+
+    return "\n".join([head, plan_text(plan), *tier_lines_for(config, bundle)])

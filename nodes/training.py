@@ -34,7 +34,7 @@ from ..trainer.plot import loss_curve, to_pil
 from ..trainer.runner import apply_plan, prepare_batches
 from ..trainer.sampling import sample_latents
 from ..trainer.session import SessionHooks, TrainingSession
-from .bundle import ComfyBundle, autograd_safe_residuals, trainable_weights
+from .bundle import ComfyBundle, trainable_weights
 from .datasets import ComfyDataset
 from .paths import find_lora, invalidate_lora_list, lora_target
 from .plan import plan_run, plan_text, require_fit
@@ -80,8 +80,8 @@ def _trainable(bundle: ComfyBundle) -> Iterator[int]:
     with contextlib.ExitStack() as stack:
         count = stack.enter_context(trainable_weights(bundle.unet))
         if bundle.live_text:
+            # (trainable_weights also keeps the CLIP's in-place residuals from breaking backward)
             count += stack.enter_context(trainable_weights(bundle.clip.cond_stage_model))  # type: ignore[attr-defined]
-            stack.enter_context(autograd_safe_residuals([slot.module for slot in bundle.text_encoders]))
         yield count
 
 

@@ -239,12 +239,13 @@ def test_api_route_annotations_resolve_as_fastapi_reads_them(webui, monkeypatch)
     assert app.hints["/loraloop/v1/train"]["payload"] is dict
 
 
-def test_forge_is_detected_and_training_disabled(webui, monkeypatch):
+def test_forge_is_detected_and_neo_layers_are_explained(webui, monkeypatch):
     from loraloop.a1111 import actions, forge
 
     monkeypatch.setitem(sys.modules, "modules_forge", types.ModuleType("modules_forge"))
     assert forge.detected()
-    assert "Forge detected" in actions.model_info()
+    webui.load(models.build_forge())  # Neo-style layers that are not nn.Linear
+    assert "cannot be trained" in actions.model_info() and "Forge Neo" in actions.model_info()
 
 
 def test_the_gradio_tab(webui, monkeypatch):
@@ -276,7 +277,7 @@ def test_the_gradio_tab(webui, monkeypatch):
     ((forge_blocks, _, _),) = entry.on_ui_tabs()
     config = forge_blocks.get_config_file() if hasattr(forge_blocks, "get_config_file") else forge_blocks.config
     train = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "loraloop_train")
-    assert train["props"]["interactive"] is False and "not supported" in str(train["props"]["value"])
+    assert train["props"].get("interactive") is not False and str(train["props"]["value"]) == "Train"
 
 
 class FakeComponent:

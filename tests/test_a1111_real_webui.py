@@ -1,6 +1,7 @@
 """Opt-in: LoRA Loop inside a real AUTOMATIC1111 webui, driven over HTTP. Not run in CI.
 
     A1111_DIR=/path/to/stable-diffusion-webui pytest -m a1111 tests/test_a1111_real_webui.py
+    A1111_DIR=/path/to/sd-webui-forge-classic pytest -m a1111 tests/test_a1111_real_webui.py   # Forge Classic too
 
 What it does: writes a random-weight, full-size SD1.5 checkpoint, starts the webui on CPU
 (`--use-cpu all --no-half --skip-torch-cuda-test --api`, offline) with this repository as its only added extension
@@ -160,9 +161,13 @@ def webui_server(tmp_path_factory):
     if not os.environ.get("A1111_HF_HOME"):
         seed_hf_cache(hf_home)
     port = _free_port()
+    # Forge Classic (a modules_forge/ folder) runs on the CPU with --always-cpu (it ignores --use-cpu and has no
+    # --do-not-download-clip); its CLIP tokenizer ships in ldm_patched, so nothing else changes.
+    forge = (webui_dir / "modules_forge").is_dir()
+    cpu = ["--always-cpu"] if forge else ["--use-cpu", "all", "--do-not-download-clip"]
     command = [_python(webui_dir), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
-               "--skip-python-version-check", "--use-cpu", "all", "--no-half", "--api", "--disable-nan-check",
-               "--do-not-download-clip", "--no-download-sd-model", "--data-dir", str(data), "--ckpt", str(ckpt),
+               "--skip-python-version-check", *cpu, "--no-half", "--api", "--disable-nan-check",
+               "--no-download-sd-model", "--data-dir", str(data), "--ckpt", str(ckpt),
                "--lora-dir", str(data / "models" / "Lora"), "--port", str(port), "--skip-version-check"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
                COMMANDLINE_ARGS="", HF_HOME=str(hf_home))

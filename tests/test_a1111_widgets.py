@@ -272,6 +272,7 @@ def test_plan_with_a_loaded_model_uses_the_engine_planner(webui, tmp_path):
                   max_train_steps=3, vram_budget_gb=8)
     text = TabActions(names).plan(*[values[n] for n in names])
     assert "3 steps" in text and "Memory plan:" in text and "estimated peak" in text, text
+    assert "VRAM tiers" in text, text
 
 
 @pytest.fixture

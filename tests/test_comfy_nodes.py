@@ -285,6 +285,7 @@ def test_memory_plan_node_shows_the_plan_and_follows_the_free_memory(host):
     roomy = _plan_text(model, dataset, config)
     assert "estimated peak" in roomy and "seconds per step" in roomy and "fits" in roomy
     assert "gradient_checkpointing False" in roomy and "changed:           nothing" in roomy
+    assert "VRAM tiers" in roomy and " 8 GB  fp8" in roomy  # the same tier table as `loraloop plan`
     mm.FREE_MEMORY = int(1.4 * 2**30)  # SD1.5 at 512 px with the weights resident: fits only with checkpointing
     tight = _plan_text(model, dataset, config)
     assert "gradient_checkpointing True" in tight and "gradient_checkpointing: False → True" in tight, tight

@@ -28,7 +28,7 @@ def test_modules_are_grouped_by_what_they_do():
               for sub in ("estimation", "planning", "recovery")}
     assert groups == {"estimation": ["architecture", "devices", "dit", "estimate", "probe", "profiles", "simulate",
                                      "tracer"],
-                      "planning": ["autoplan", "planner"], "recovery": ["ladder", "levers", "spill"]}
+                      "planning": ["autoplan", "planner", "tiers"], "recovery": ["ladder", "levers", "spill"]}
     assert sorted(p.name for p in MEMORY.glob("*.py")) == ["__init__.py"]
     for sub, names in groups.items():
         for name in names:

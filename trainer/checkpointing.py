@@ -22,10 +22,23 @@ CHECKPOINT_CLASSES = {"BasicTransformerBlock", "ResnetBlock2D", "ResBlock",
                       "ZImageTransformerBlock", "Lumina2TransformerBlock"}
 
 
+def _own(value: object) -> object:
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _on_copies(forward):  # noqa: ANN001, ANN202
+    """`forward` run on copies of its tensor inputs: ComfyUI's DiT blocks add their residuals into their inputs in
+    place (`img += …`, comfy/ldm/flux/layers.py), and checkpoint must recompute the block from unchanged inputs."""
+    def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return forward(*(_own(a) for a in args), **{k: _own(v) for k, v in kwargs.items()})
+
+    return run
+
+
 def _wrap(forward):  # noqa: ANN001, ANN202
     def checkpointed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         if torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(_on_copies(forward), *args, use_reentrant=False, **kwargs)
         return forward(*args, **kwargs)
 
     return checkpointed

@@ -57,3 +57,16 @@ def format_tiers(rows: list[TierRow]) -> list[str]:
         result = ("fits" + (f" with {', '.join(r.levers)}" if r.levers else "")) if r.fits else "does not fit"
         lines.append(f"  {r.vram_gb:>4} GB  {r.weights:7}  {r.peak_gb:>5.2f} GB  {r.seconds_per_step:>7.2f}  {result}")
     return lines
+
+
+def tier_lines_for(config: TrainConfig, bundle: object) -> list[str]:
+    """The table for the model a host holds (its family at the config's resolution and rank), on this GPU's speed
+    entry or a generic one; empty when the model has no estimate."""
+    from ..estimation.devices import GENERIC_GPU, current_device
+
+    try:
+        info = ModelInfo.for_bundle(bundle)
+    except (KeyError, ValueError, ImportError):
+        return []
+    here = current_device(getattr(bundle, "device", None))
+    return format_tiers(tier_table(config, info, here if here.kind == "cuda" else GENERIC_GPU))
