@@ -10,11 +10,12 @@ from torch import nn
 from ..bundle import Conditioning, SizeInfo, TextEncoderSlot
 from ..families import Family
 from ..naming import UNetLayout, kohya_unet_name, unet_targets
+from .standalone import StandaloneModules
 
 log = logging.getLogger(__name__)
 
 
-class DiffusersBundle:
+class DiffusersBundle(StandaloneModules):
     """UNet2DConditionModel + AutoencoderKL + CLIP text encoder(s) and tokenizer(s).
 
     Args:
@@ -44,29 +45,6 @@ class DiffusersBundle:
     @property
     def prediction_type(self) -> str:
         return self._prediction_type
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusersBundle:
-        """Move every module (the VAE stays float32: SD VAEs overflow in fp16)."""
-        kwargs = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
-        self.unet.to(**kwargs)
-        for slot in self.text_encoders:
-            slot.module.to(**kwargs)
-        self.vae.to(device=device, dtype=torch.float32)
-        return self
-
-    def modules(self) -> dict[str, nn.Module]:
-        """Every module the bundle holds, by role (for memory accounting and offloading)."""
-        out = {"unet": self.unet, "vae": self.vae}
-        out.update({slot.prefix: slot.module for slot in self.text_encoders})
-        return out
 
     # -- encoders -----------------------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -99,21 +77,6 @@ class DiffusersBundle:
             if hasattr(out, "text_embeds"):
                 pooled = out.text_embeds.to(self.device)
         return Conditioning(torch.cat(states, dim=-1), pooled)
-
-    def place(self, device: torch.device | str, *, unet: bool = False, vae: bool = False,
-              text_encoders: bool = False) -> None:
-        """Move the chosen modules to `device`, each keeping its dtype (the runner stages encoders and UNet apart)."""
-        chosen = [self.unet] if unet else []
-        if vae:
-            chosen.append(self.vae)
-        if text_encoders:
-            chosen += [slot.module for slot in self.text_encoders]
-        for module in chosen:
-            module.to(device)
-
-    def offload(self, *, vae: bool, text_encoders: bool, device: str = "cpu") -> None:
-        """Move what the loop no longer needs off the accelerator (latents / text conditioning are cached)."""
-        self.place(device, vae=vae, text_encoders=text_encoders)
 
     # -- denoiser -----------------------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,

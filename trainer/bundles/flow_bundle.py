@@ -22,6 +22,7 @@ from ..bundle import Conditioning, SizeInfo, TextEncoderSlot
 from ..families import Family
 from ..flow import time_shift
 from ..naming import dit_targets
+from .standalone import StandaloneModules
 
 LORA_PREFIX = "transformer."
 
@@ -39,7 +40,7 @@ class FlowArchitecture(Protocol):
                  cond: Conditioning) -> torch.Tensor: ...
 
 
-class FlowBundle:
+class FlowBundle(StandaloneModules):
     """A diffusers flow transformer + VAE + text encoders, trained on the velocity.
 
     Args:
@@ -71,39 +72,6 @@ class FlowBundle:
         self.vae_scale = float(getattr(vae.config, "scaling_factor", 1.0))
         self.vae_shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.latent_channels = int(vae.config.latent_channels)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FlowBundle:
-        """Move every module (the VAE stays float32)."""
-        kwargs = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
-        self.unet.to(**kwargs)
-        for slot in self.text_encoders:
-            slot.module.to(**kwargs)
-        self.vae.to(device=device, dtype=torch.float32)
-        return self
-
-    def modules(self) -> dict[str, nn.Module]:
-        out = {"unet": self.unet, "vae": self.vae}
-        out.update({slot.prefix: slot.module for slot in self.text_encoders})
-        return out
-
-    def place(self, device: torch.device | str, *, unet: bool = False, vae: bool = False,
-              text_encoders: bool = False) -> None:
-        chosen = ([self.unet] if unet else []) + ([self.vae] if vae else [])
-        if text_encoders:
-            chosen += [slot.module for slot in self.text_encoders]
-        for module in chosen:
-            module.to(device)
-
-    def offload(self, *, vae: bool, text_encoders: bool, device: str = "cpu") -> None:
-        self.place(device, vae=vae, text_encoders=text_encoders)
 
     # -- encoders -----------------------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
