@@ -233,3 +233,49 @@ def test_family_gradient_checkpointing_gives_the_same_gradients(comfy, case):
     worst = max((a - b).abs().max().item() for a, b in zip(plain, checkpointed, strict=True) if a is not None)
     assert worst < 1e-6, worst
     RESULTS.setdefault(case.family, {})["checkpointing_grad_diff"] = worst
+
+
+def test_flux_trains_on_fp8_weights_as_comfyui_holds_them(comfy):
+    """A Flux MODEL loaded with fp8 weights (UNETLoader weight_dtype fp8_e4m3fn): the adapters train on top of the
+    weights as they are — every block weight stays fp8 throughout (ComfyUI's manual-cast ops cast per call, no
+    dequantised copy is kept), the loss falls, and the weights are bit-identical afterwards."""
+    from loraloop.nodes.bundle import ComfyBundle, trainable_weights
+    from loraloop.trainer.loss import LossSettings, diffusion_loss
+    from loraloop.trainer.memory import ModelInfo
+    from loraloop.trainer.network import Network, NetworkSpec
+
+    case = next(c for c in CASES if c.family == "flux1")
+    if not hasattr(comfy.supported_models, case.config):
+        pytest.skip(f"ComfyUI {comfy.version} has no {case.config} model config")
+    fp8 = torch.float8_e4m3fn
+    patcher = build(case, seed=0, weight_dtype=fp8)
+    unet = patcher.model.diffusion_model
+    block_weights = {n: p for n, p in unet.named_parameters()
+                     if "blocks" in n and n.endswith(".weight") and p.dim() == 2}
+    assert block_weights and all(p.dtype == fp8 for p in block_weights.values())
+    snap = _snapshot(unet)
+    bundle = ComfyBundle(patcher, None, None)
+    assert bundle.dtype == fp8 and bundle.compute_dtype == torch.float32
+    assert ModelInfo.for_bundle(bundle).sizes.unet == sum(p.numel() for p in unet.parameters())
+    cond, latents, draw = _inputs(case)
+    losses: list[float] = []
+    torch.manual_seed(SEED)
+    with torch.inference_mode(False), trainable_weights(bundle.unet), \
+            Network(bundle, NetworkSpec(rank=4, alpha=4)) as net:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=LR)
+        for _ in range(STEPS):
+            loss = diffusion_loss(bundle, latents, cond, draw, LossSettings())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            held = dict(unet.named_parameters())
+            wrapped = [held[n.replace(".weight", ".base_layer.weight")] for n in block_weights
+                       if n.replace(".weight", ".base_layer.weight") in held]
+            assert wrapped and all(p.dtype == fp8 for p in wrapped)  # the adapted layers still hold fp8
+        assert all(p.dtype == torch.float32 for p in net.parameters())  # the adapters themselves are float32
+    assert losses[-1] < 0.7 * losses[0], (losses[0], losses[-1])
+    for name, p in unet.named_parameters():
+        assert p is snap[name][0] and p.dtype == snap[name][1].dtype and torch.equal(p.view(torch.uint8),
+                                                                                    snap[name][1].view(torch.uint8))
+    RESULTS.setdefault("flux1-fp8", {}).update(loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))

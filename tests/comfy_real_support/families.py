@@ -135,15 +135,17 @@ def init_weights(root: nn.Module, seed: int) -> None:
                         value = torch.randn(tensor.shape, generator=gen) * 0.02
                     tensor.copy_(value.to(tensor.dtype))
     bad = [n for n, t in [*root.named_parameters(), *root.named_buffers()]
-           if t.is_floating_point() and not torch.isfinite(t).all()]
+           if t.is_floating_point() and not torch.isfinite(t.float()).all()]
     if bad:
         raise AssertionError(f"weights left non-finite after init: {bad}")
 
 
-def build(case: FamilyCase, seed: int = 0) -> object:
-    """The family's real ComfyUI model (float32, CPU) with random weights, in a ModelPatcher, as a MODEL output is.
+def build(case: FamilyCase, seed: int = 0, weight_dtype: torch.dtype = torch.float32) -> object:
+    """The family's real ComfyUI model (CPU) with random weights, in a ModelPatcher, as a MODEL output is.
 
-    Built under inference mode, like every MODEL a ComfyUI prompt loads: the weights are inference tensors."""
+    Built under inference mode, like every MODEL a ComfyUI prompt loads: the weights are inference tensors. A narrower
+    `weight_dtype` (fp8) is stored as such and computed in float32 by ComfyUI's manual-cast ops, as UNETLoader's
+    `weight_dtype: fp8_e4m3fn` loads a model."""
     import comfy.model_patcher
     import comfy.supported_models
 
@@ -153,7 +155,7 @@ def build(case: FamilyCase, seed: int = 0) -> object:
     cpu = torch.device("cpu")
     with torch.inference_mode():
         config = config_class(dict(case.unet_config))
-        config.set_inference_dtype(torch.float32, None)
+        config.set_inference_dtype(weight_dtype, None if weight_dtype == torch.float32 else torch.float32)
         model = config.get_model({})
         init_weights(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
