@@ -124,3 +124,28 @@ class TestKohyaNames:
         targets = find_targets(te, TE_CLASSES)
         assert len(targets) == 72
         assert all(re.fullmatch(TE_PATTERN, t) for t in targets)
+
+
+def test_dit_targets_leave_out_what_the_last_block_discards():
+    """Qwen-Image's last block: its text stream's MLP and attention output are thrown away, so they get no adapter;
+    the same layers of earlier blocks, and the last block's image stream, do."""
+    from torch import nn
+
+    from loraloop.trainer.families import get_family
+    from loraloop.trainer.naming import dit_targets
+
+    def block():
+        b = nn.Module()
+        b.attn = nn.Module()
+        b.attn.to_q, b.attn.to_add_out = nn.Linear(4, 4), nn.Linear(4, 4)
+        b.txt_mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+        b.img_mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+        return b
+
+    root = nn.Module()
+    root.transformer_blocks = nn.ModuleList([block() for _ in range(11)])  # 10 sorts before 9 as text: numbers count
+    family = get_family("qwen-image")
+    found = dit_targets(root, family.blocks, family.exclude, family.last_block_unused)
+    assert "transformer_blocks.9.txt_mlp.0" in found and "transformer_blocks.9.attn.to_add_out" in found
+    assert not any(p.startswith("transformer_blocks.10.") and ("txt_mlp" in p or "to_add_out" in p) for p in found)
+    assert {"transformer_blocks.10.attn.to_q", "transformer_blocks.10.img_mlp.0"} <= set(found)

@@ -38,6 +38,8 @@ class Family:
         blocks: DiTs: regex matching the transformer-block module paths whose Linears are the default LoRA targets.
         exclude: DiTs: regex of Linears inside those blocks left out by default (modulation layers, refiners).
         attention: DiTs: regex of the attention projections (the `attention` target preset).
+        last_block_unused: DiTs: regex (after the last block's prefix) of Linears whose output the model discards in
+            its last block (Qwen-Image's text stream): they would only train to zero.
         sample_cfg: the classifier-free guidance scale sample images use whatever `sample_cfg` says (guidance-
             distilled models sample at 1: no unconditional pass); None: the config's.
         sample_guidance: the distilled-guidance value sample images feed (Flux.1 dev: 3.5, ComfyUI's FluxGuidance
@@ -62,6 +64,7 @@ class Family:
     attention: str | None = None
     sample_cfg: float | None = None
     sample_guidance: float | None = None
+    last_block_unused: str | None = None
 
     @property
     def is_sdxl(self) -> bool:
@@ -125,7 +128,8 @@ FAMILIES: dict[str, Family] = {
     # Qwen-Image: block Linears except the modulation ones (musubi-tuner lora_qwen_image).
     "qwen-image": Family("qwen-image", FLOW, 1024, 1.0, (), "qwen_image", "qwen-image/lora", _COMFY, "native",
                          latent_channels=16, flow_shift=_E_115, blocks=r"transformer_blocks\.\d+\.",
-                         exclude=r"_mod\.", attention=r"attn\.(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out)$"),
+                         exclude=r"_mod\.", attention=r"attn\.(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out)$",
+                         last_block_unused=r"(txt_mlp\.|attn\.to_add_out$)"),
 }
 
 ALIASES = {"sd15": "sd1", "sd1.5": "sd1", "sd_v1": "sd1", "sd21": "sd2", "sd2.1": "sd2", "sd2v": "sd2-v",

@@ -193,12 +193,20 @@ def native_lora_name(module_path: str) -> str:
     return "lora_unet_" + module_path.replace(".", "_")
 
 
-def dit_targets(root: nn.Module, blocks: str, exclude: str | None = None) -> dict[str, str]:
-    """Every Linear under a module path matching `blocks` (from the start), except paths matching `exclude`."""
+def dit_targets(root: nn.Module, blocks: str, exclude: str | None = None,
+                last_block_exclude: str | None = None) -> dict[str, str]:
+    """Every Linear under a module path matching `blocks` (from the start), except paths matching `exclude`, and in
+    the last block those matching `last_block_exclude` (layers whose output the model discards there)."""
     block_re, exclude_re = re.compile(blocks), re.compile(exclude) if exclude else None
-    return {name: "linear" for name, module in root.named_modules()
-            if isinstance(module, nn.Linear) and block_re.match(name)
-            and not (exclude_re is not None and exclude_re.search(name))}
+    found = {name: "linear" for name, module in root.named_modules()
+             if isinstance(module, nn.Linear) and block_re.match(name)
+             and not (exclude_re is not None and exclude_re.search(name))}
+    if last_block_exclude and found:
+        last = max({block_re.match(name).group(0) for name in found},  # type: ignore[union-attr]
+                   key=lambda prefix: [int(n) for n in re.findall(r"\d+", prefix)])
+        dead = re.compile(re.escape(last) + last_block_exclude)
+        found = {name: kind for name, kind in found.items() if not dead.match(name)}
+    return found
 
 
 SD_ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"  # diffusers, ldm and sgm share these attention names

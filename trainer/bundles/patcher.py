@@ -543,5 +543,5 @@ class PatcherBundle:
 
     def unet_targets(self, conv: bool) -> dict[str, str]:
         if self.family.blocks is not None:  # DiTs: Linears of the transformer blocks (no convs to add)
-            return dit_targets(self.unet, self.family.blocks, self.family.exclude)
+            return dit_targets(self.unet, self.family.blocks, self.family.exclude, self.family.last_block_unused)
         return unet_targets(self.unet, conv)
