@@ -48,6 +48,10 @@ class TrainConfig:
     base_model: str = _f("builtin:tiny-sd1", "Checkpoint (.safetensors/.ckpt) of SD 1.x/2.x/XL, a diffusers folder "
                          "(also Flux.1 and SD3/3.5), or a built-in model: builtin:demo-base, builtin:tiny-sd1, "
                          "builtin:tiny-sdxl, builtin:tiny-flux1, builtin:tiny-sd3.", group="model")
+    base_weight_dtype: str = _f("model", "Storage of the frozen base weights: model (as loaded / as the host holds "
+                                "them) or fp8 (the denoiser's adapted Linears stored as float8_e4m3fn and computed in "
+                                "the training precision per layer: half the memory of bf16; command line only, "
+                                "hosts keep their own dtype).", choices=("model", "fp8"), group="model")
     family: str | None = _f(None, "Model family when it cannot be detected: sd1, sd2, sd2-v, sdxl, flux1, sd3, ….",
                             choices=(None, "sd1", "sd2", "sd2-v", "sdxl", "flux1", "flux1-schnell", "chroma", "sd3",
                                      "zimage", "lumina2", "qwen-image"), group="model")

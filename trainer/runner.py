@@ -21,6 +21,7 @@ from .config import TrainConfig
 from .data import LatentCache, TrainDataset, format_bucket_table
 from .distributed import SINGLE, World, process_group
 from .errors import ConfigError
+from .fp8 import store_fp8
 from .loop import TrainResult
 from .lorafile import atomic_write, save_lora
 from .memory import release_memory
@@ -172,8 +173,10 @@ def plan_memory(config: TrainConfig, dataset: TrainDataset, bundle: ModelBundle 
 
     free = int(config.vram_budget_gb * GIB) if config.vram_budget_gb else None
     try:
+        # fp8 storage: one byte per weight of the adapted Linears, which hold nearly all of a denoiser's weights
         plan = plan_for_config(config, bundle=bundle, dataset=dataset, free=free, auto=set(config.auto),
-                               margin=config.memory_margin)
+                               margin=config.memory_margin,
+                               weight_bytes=1.0 if config.base_weight_dtype == "fp8" else None)
     except ConfigError as err:
         if config.base_model.startswith("builtin:"):  # the tiny test models have no memory profile worth planning
             log.info("no memory plan: %s", err)
@@ -229,6 +232,9 @@ def _run(config: TrainConfig, sink: ProgressSink, world: World, *, bundle: Model
     if bundle is None:
         sink.status(f"loading {config.base_model}")
         bundle = load_bundle(config, device="cpu" if staged else device)
+    if config.base_weight_dtype == "fp8":
+        saved = store_fp8(bundle.unet, list(bundle.unet_targets(conv=False)))  # type: ignore[attr-defined]
+        sink.status(f"base weights stored in fp8: {saved / 2**30:.2f} GB saved")
     if config.train_text_encoder and bundle.family.is_flow:
         msg = (f"train_text_encoder: the command line trains the {bundle.family.name} transformer only; train its CLIP "
                "inside ComfyUI (TrainLoRA), or turn train_text_encoder off")
