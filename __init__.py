@@ -12,7 +12,7 @@ imports the nodes. Needs ComfyUI 0.12.3 or newer (the V3 node API, `comfy_api.la
 
 from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 WEB_DIRECTORY = "./web"
 
 
