@@ -64,7 +64,7 @@ def build_tab() -> Any:
     with gr.Blocks(analytics_enabled=False) as tab:
         gr.HTML(f"<div id='loraloop_hints' style='display:none'>{hints}</div>")
         with gr.Row():
-            model_md = gr.Markdown(actions.model_info(), elem_id="loraloop_model")
+            model_md = gr.Markdown(actions.model_info, elem_id="loraloop_model")  # evaluated on every page load
             model_refresh = gr.Button("Refresh model info", elem_id="loraloop_model_refresh")
 
         gr.Markdown("### 1. Dataset")

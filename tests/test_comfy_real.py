@@ -40,12 +40,18 @@ import pytest
 from comfy_real_support.server import (
     ComfyServer,
     EventListener,
+    RunOnce,
     cached_nodes,
+    comfy_dir_or_skip,
     copy_dataset,
     execution_seconds,
     interrupted,
     make_layout,
     message_kinds,
+    prompt_outputs,
+    saved_latent,
+    saved_pixels,
+    timed,
 )
 from comfy_real_support.workflow import to_api, unknown_nodes, widget_values
 
@@ -66,23 +72,11 @@ TIMINGS: dict[str, float | str] = {}
 
 @pytest.fixture(scope="module")
 def comfy_dir(request) -> Path:
-    raw = os.environ.get("COMFYUI_DIR")
-    if not raw:
-        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (and run with -m comfyui)")
-    if "comfyui" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("starts a real ComfyUI: run with -m comfyui")
-    path = Path(raw).expanduser().resolve()
-    if not (path / "main.py").is_file():
-        pytest.fail(f"COMFYUI_DIR={raw} has no main.py")
-    return path
+    return comfy_dir_or_skip(request)
 
 
 def _timed(name: str, fn, *args, **kwargs):
-    t = time.perf_counter()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        TIMINGS[name] = round(time.perf_counter() - t, 1)
+    return timed(TIMINGS, name, fn, *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -143,42 +137,12 @@ def sampling_prompt(ckpt: str, prefix: str, lora: str | None = None, tag: str | 
     return prompt
 
 
-def _outputs(server, entry: dict, node: str) -> list[Path]:
-    images = entry["outputs"][node].get("images", []) + entry["outputs"][node].get("latents", [])
-    return [server.base / "output" / i.get("subfolder", "") / i["filename"] for i in images]
-
-
-def _latent(path: Path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path))["latent_tensor"]
-
-
-def _pixels(path: Path):
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.int16)
-
-
-class Run:
+class Run(RunOnce):
     """The prompts, run once per module in order: caption example, before, training example, after, with LoRA."""
 
     def __init__(self, server, object_info) -> None:
         self.server, self.object_info, self.ckpt = server, object_info, _ckpt_name(server)
-        self.results: dict[str, dict] = {}
-
-    def _once(self, name: str, fn) -> dict:
-        """Run a step once; a failure is remembered, so later tests fail at once instead of training again."""
-        if name not in self.results:
-            try:
-                self.results[name] = fn()
-            except Exception as err:
-                self.results[name] = err
-        if isinstance(self.results[name], Exception):
-            raise self.results[name]
-        return self.results[name]
+        super().__init__()
 
     def sample(self, name: str, lora: str | None = None, tag: str | None = None) -> dict:
         return self._once(name, lambda: self._sample(name, lora, tag))
@@ -186,8 +150,8 @@ class Run:
     def _sample(self, name: str, lora: str | None, tag: str | None) -> dict:
         entry = _timed(f"prompt: sample {name}", self.server.run, sampling_prompt(self.ckpt, name, lora, tag),
                        timeout=900)
-        return {"entry": entry, "latent": _outputs(self.server, entry, "save_latent")[0],
-                "image": _outputs(self.server, entry, "save")[0], "log": self.server.log_text()}
+        return {"entry": entry, "latent": prompt_outputs(self.server, entry, "save_latent")[0],
+                "image": prompt_outputs(self.server, entry, "save")[0], "log": self.server.log_text()}
 
     def train(self) -> dict:
         return self._once("train", self._train)
@@ -300,10 +264,10 @@ def test_original_model_samples_identically_before_and_after_training(run):
     assert sampler not in cached_nodes(after["entry"]), "KSampler came from the cache"
     import torch
 
-    a, b = _latent(before["latent"]), _latent(after["latent"])
+    a, b = saved_latent(before["latent"]), saved_latent(after["latent"])
     assert torch.isfinite(a).all()
     assert torch.equal(a, b), f"max |Δ| = {(a - b).abs().max().item()}"
-    assert (_pixels(before["image"]) == _pixels(after["image"])).all()
+    assert (saved_pixels(before["image"]) == saved_pixels(after["image"])).all()
 
 
 # -- (b) the saved file works with the stock LoraLoader --------------------------------------------------------------
@@ -318,10 +282,10 @@ def test_saved_lora_loads_in_stock_loraloader_and_changes_the_image(run):
     assert "ERROR" not in log, log[-4000:]
     import torch
 
-    base, lora = _latent(run.sample("before")["latent"]), _latent(with_lora["latent"])
+    base, lora = saved_latent(run.sample("before")["latent"]), saved_latent(with_lora["latent"])
     assert torch.isfinite(lora).all()
     assert not torch.equal(base, lora)
-    diff = abs(_pixels(run.sample("before")["image"]) - _pixels(with_lora["image"]))
+    diff = abs(saved_pixels(run.sample("before")["image"]) - saved_pixels(with_lora["image"]))
     assert diff.max() > 0, "the LoRA did not change the decoded image"
     TIMINGS["lora image mean |Δ| (0-255)"] = round(float(diff.mean()), 3)
 
@@ -333,7 +297,7 @@ def test_lora_prompt_tag_applies_the_saved_lora_like_loraloader(run):
     import torch
 
     loader = run.sample("with_lora", lora="flatstyle.safetensors")
-    assert torch.equal(_latent(tagged["latent"]), _latent(loader["latent"]))
+    assert torch.equal(saved_latent(tagged["latent"]), saved_latent(loader["latent"]))
 
 
 def test_training_with_uncached_latents_and_shuffled_captions(run):
@@ -357,7 +321,7 @@ def test_training_with_uncached_latents_and_shuffled_captions(run):
     log = run.server.log_text()[log_start:]
     assert "Traceback" not in log and "lora key not loaded" not in log, log[-4000:]
     after = run.sample("after_uncached")
-    assert (_pixels(run.sample("before")["image"]) == _pixels(after["image"])).all()
+    assert (saved_pixels(run.sample("before")["image"]) == saved_pixels(after["image"])).all()
 
 
 CANCEL_NAME = "cancelflat"
@@ -427,5 +391,5 @@ def test_cancel_mid_training_saves_the_last_completed_step(run):
     assert "ckpt" in cached_nodes(after["entry"]), "the checkpoint was reloaded: the check would prove nothing"
     import torch
 
-    assert torch.equal(_latent(before["latent"]), _latent(after["latent"]))
-    assert (_pixels(before["image"]) == _pixels(after["image"])).all()
+    assert torch.equal(saved_latent(before["latent"]), saved_latent(after["latent"]))
+    assert (saved_pixels(before["image"]) == saved_pixels(after["image"])).all()

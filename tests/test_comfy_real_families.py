@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 from comfy_real_support.families import CASES, FamilyCase, OtherComfyLoaded, build, import_comfy
+from comfy_real_support.server import comfy_dir_or_skip
 
 pytestmark = pytest.mark.comfyui
 
@@ -47,14 +47,7 @@ RESULTS: dict[str, dict[str, object]] = {}
 @pytest.fixture(scope="module")
 def comfy(request):
     """The real `comfy` package of COMFYUI_DIR, imported on CPU in this process."""
-    raw = os.environ.get("COMFYUI_DIR")
-    if not raw:
-        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (and run with -m comfyui)")
-    if "comfyui" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("imports a real ComfyUI: run with -m comfyui")
-    path = Path(raw).expanduser().resolve()
-    if not (path / "comfy" / "supported_models.py").is_file():
-        pytest.fail(f"COMFYUI_DIR={raw} is not a ComfyUI checkout (no comfy/supported_models.py)")
+    path = comfy_dir_or_skip(request, "comfy/supported_models.py", "imports a real ComfyUI")
     try:
         module = import_comfy(path)
     except OtherComfyLoaded as e:

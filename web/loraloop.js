@@ -2,6 +2,7 @@
 // shown on the nodes that produce them. Fed by the server's "loraloop.loss" events (nodes/sink.py).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const TRAIN_NODE = "LoRALoop_TrainLoRA";
 const TEXT_NODES = ["LoRALoop_LoadDataset", "LoRALoop_Caption", "LoRALoop_TrainLoRA", "LoRALoop_SaveLoRA"];
@@ -53,6 +54,25 @@ function drawChart(ctx, run, x, y, w, h) {
   ctx.restore();
 }
 
+// The chart is a widget of its own (fixed height), so the front-end lays the node's other widgets out around it:
+// drawn over the node's bottom instead, it was covered by the progress text and the result that grow into that space.
+function chartWidget() {
+  return {
+    name: "loraloop_chart",
+    type: "loraloop_chart",
+    value: "",
+    serialize: false,
+    options: { serialize: false },
+    draw(ctx, node, width, y) {
+      const run = runs.get(String(node.id)) ?? { losses: [], total: 0, eta: 0 };
+      drawChart(ctx, run, 8, y + 4, width - 16, CHART_HEIGHT);
+    },
+    computeSize(width) {
+      return [width, CHART_HEIGHT + 8];
+    },
+  };
+}
+
 app.registerExtension({
   name: "loraloop.nodes",
   async setup() {
@@ -78,25 +98,24 @@ app.registerExtension({
         if (!text) return;
         let widget = this.widgets?.find((w) => w.name === "loraloop_result");
         if (!widget) {
-          widget = this.addWidget("text", "loraloop_result", "", () => {}, { multiline: true, serialize: false });
+          // a multiline, read-only text box (addWidget("text") is one line: longer results were cut off)
+          widget = ComfyWidgets.STRING(this, "loraloop_result", ["STRING", { multiline: true }], app).widget;
           widget.serialize = false;
+          widget.options.serialize = false;
+          if (widget.element) widget.element.readOnly = true;
         }
         widget.value = text;
         this.setDirtyCanvas(true, true);
       };
     }
     if (nodeData.name === TRAIN_NODE) {
-      const computeSize = nodeType.prototype.computeSize;
-      nodeType.prototype.computeSize = function () {
-        const size = computeSize ? computeSize.apply(this, arguments) : [320, 200];
-        return [Math.max(size[0], 320), size[1] + CHART_HEIGHT + 10];
-      };
-      const onDrawForeground = nodeType.prototype.onDrawForeground;
-      nodeType.prototype.onDrawForeground = function (ctx) {
-        onDrawForeground?.apply(this, arguments);
-        if (this.flags?.collapsed) return;
-        const run = runs.get(String(this.id)) ?? { losses: [], total: 0, eta: 0 };
-        drawChart(ctx, run, 8, this.size[1] - CHART_HEIGHT - 6, this.size[0] - 16, CHART_HEIGHT);
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        const result = onNodeCreated?.apply(this, arguments);
+        this.addCustomWidget(chartWidget());
+        const [width, height] = this.computeSize();
+        this.setSize([Math.max(width, 320), height]);
+        return result;
       };
     }
   },

@@ -374,3 +374,66 @@ class EventListener:
         except OSError:
             pass
         self._thread.join(timeout=5)
+
+
+def comfy_dir_or_skip(request, marker_file: str = "main.py", why: str = "starts a real ComfyUI") -> Path:
+    """COMFYUI_DIR for an opt-in test: skipped unless it is set and `-m comfyui` selects the test; a folder that is
+    not a ComfyUI checkout (no `marker_file`) fails."""
+    import pytest
+
+    raw = os.environ.get("COMFYUI_DIR")
+    if not raw:
+        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout (and run with -m comfyui)")
+    if "comfyui" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip(f"{why}: run with -m comfyui")
+    path = Path(raw).expanduser().resolve()
+    if not (path / marker_file).is_file():
+        pytest.fail(f"COMFYUI_DIR={raw} is not a ComfyUI checkout (no {marker_file})")
+    return path
+
+
+def timed(timings: dict, name: str, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, its wall time recorded as `timings[name]` (seconds, even when it raises)."""
+    started = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        timings[name] = round(time.perf_counter() - started, 1)
+
+
+def prompt_outputs(server, entry: dict, node: str) -> list[Path]:
+    """Files a prompt's `node` saved (images or latents), under the server's output folder."""
+    items = entry["outputs"][node].get("images", []) + entry["outputs"][node].get("latents", [])
+    return [server.base / "output" / i.get("subfolder", "") / i["filename"] for i in items]
+
+
+def saved_latent(path: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["latent_tensor"]
+
+
+def saved_pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+class RunOnce:
+    """Prompts a module runs once each, in order; a failure is remembered, so later tests fail at once instead of
+    training again."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, object] = {}
+
+    def _once(self, name: str, fn):
+        if name not in self.results:
+            try:
+                self.results[name] = fn()
+            except Exception as err:
+                self.results[name] = err
+        if isinstance(self.results[name], Exception):
+            raise self.results[name]  # type: ignore[misc]
+        return self.results[name]
