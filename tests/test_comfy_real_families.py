@@ -105,10 +105,27 @@ def _switches() -> dict[str, object]:
     return state
 
 
+def _overfit(bundle, network, batch, after_step=None) -> list[float]:
+    """STEPS AdamW steps of the flow loss on one fixed batch (conditioning, latents, noise draw); the losses."""
+    from loraloop.trainer.loss import LossSettings, diffusion_loss
+
+    cond, latents, draw = batch
+    optimizer = torch.optim.AdamW(network.parameters(), lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        loss = diffusion_loss(bundle, latents, cond, draw, LossSettings())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if after_step is not None:
+            after_step()
+    return losses
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_family_trains_and_comfyui_loads_the_lora(comfy, case, caplog):
     from loraloop.nodes.bundle import ComfyBundle, detect_family, trainable_weights
-    from loraloop.trainer.loss import LossSettings, diffusion_loss
     from loraloop.trainer.naming import native_lora_name
     from loraloop.trainer.network import Network, NetworkSpec
 
@@ -128,18 +145,11 @@ def test_family_trains_and_comfyui_loads_the_lora(comfy, case, caplog):
     cond, latents, draw = _inputs(case)
     probe_x = torch.randn(1, 16, *case.latent, generator=torch.Generator().manual_seed(7))
     probe_sigma = torch.tensor([0.6])
-    losses: list[float] = []
     torch.manual_seed(SEED)
     with torch.inference_mode(False), trainable_weights(bundle.unet) as wrapped, \
             Network(bundle, NetworkSpec(rank=4, alpha=4)) as net:
         assert wrapped >= len(snap)  # every weight (and inference buffer) re-wrapped for autograd
-        optimizer = torch.optim.AdamW(net.parameters(), lr=LR)
-        for _ in range(STEPS):
-            loss = diffusion_loss(bundle, latents, cond, draw, LossSettings())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        losses = _overfit(bundle, net, (cond, latents, draw))
         with torch.no_grad():
             adapted = bundle.predict(probe_x, probe_sigma, cond)
         lora = net.state_dict(torch.float32)
@@ -233,7 +243,6 @@ def test_flux_trains_on_fp8_weights_as_comfyui_holds_them(comfy):
     weights as they are — every block weight stays fp8 throughout (ComfyUI's manual-cast ops cast per call, no
     dequantised copy is kept), the loss falls, and the weights are bit-identical afterwards."""
     from loraloop.nodes.bundle import ComfyBundle, trainable_weights
-    from loraloop.trainer.loss import LossSettings, diffusion_loss
     from loraloop.trainer.memory import ModelInfo
     from loraloop.trainer.network import Network, NetworkSpec
 
@@ -251,21 +260,16 @@ def test_flux_trains_on_fp8_weights_as_comfyui_holds_them(comfy):
     assert bundle.dtype == fp8 and bundle.compute_dtype == torch.float32
     assert ModelInfo.for_bundle(bundle).sizes.unet == sum(p.numel() for p in unet.parameters())
     cond, latents, draw = _inputs(case)
-    losses: list[float] = []
     torch.manual_seed(SEED)
     with torch.inference_mode(False), trainable_weights(bundle.unet), \
             Network(bundle, NetworkSpec(rank=4, alpha=4)) as net:
-        optimizer = torch.optim.AdamW(net.parameters(), lr=LR)
-        for _ in range(STEPS):
-            loss = diffusion_loss(bundle, latents, cond, draw, LossSettings())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        def still_fp8() -> None:  # after every step: the adapted layers still hold fp8, nothing was upcast
             held = dict(unet.named_parameters())
             wrapped = [held[n.replace(".weight", ".base_layer.weight")] for n in block_weights
                        if n.replace(".weight", ".base_layer.weight") in held]
-            assert wrapped and all(p.dtype == fp8 for p in wrapped)  # the adapted layers still hold fp8
+            assert wrapped and all(p.dtype == fp8 for p in wrapped)
+
+        losses = _overfit(bundle, net, (cond, latents, draw), after_step=still_fp8)
         assert all(p.dtype == torch.float32 for p in net.parameters())  # the adapters themselves are float32
     assert losses[-1] < 0.7 * losses[0], (losses[0], losses[-1])
     for name, p in unet.named_parameters():
