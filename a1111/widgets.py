@@ -25,6 +25,7 @@ from ..trainer.errors import ConfigError
 from ..trainer.families import Family
 
 HOST_OWNED: dict[str, str] = {
+    "components_from": "the checkpoint loaded in the webui is the whole model",
     "base_weight_dtype": "the checkpoint's dtype as the webui loaded it",
     "base_model": "the checkpoint loaded in the webui is trained",
     "family": "detected from the loaded model",

@@ -16,6 +16,7 @@ from ..trainer.families import Family
 from ..trainer.widgets import SMALL_FLOAT, Schema, Widget, build_schema, follow_model_values, is_auto, parse_values
 
 HOST_OWNED: dict[str, str] = {
+    "components_from": "the MODEL/CLIP/VAE inputs are the whole model",
     "base_weight_dtype": "the MODEL's dtype as ComfyUI loaded it (UNETLoader weight_dtype fp8_e4m3fn trains on fp8)",
     "base_model": "the MODEL/CLIP/VAE inputs of TrainLoRA are the base model",
     "family": "detected from the MODEL",

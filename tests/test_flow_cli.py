@@ -148,3 +148,35 @@ def test_fp8_base_weights_train_like_the_plain_run(demo_dataset, tmp_path):
     ups = sorted(k for k in plain.result.state_dict if k.endswith(".lora_B.weight"))
     flat = [torch.cat([r.result.state_dict[k].flatten().float() for k in ups]) for r in (plain, low)]
     assert flat[0].abs().max() > 0 and torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.95
+
+
+def test_a_single_file_flux_transformer_needs_components_from_and_says_so(tmp_path):
+    """flux1-dev.safetensors-style files hold the transformer only (BFL key layout): without `components_from` the
+    error names the key and what to give; a folder that is not a flow pipeline, and a file whose size does not fit
+    the folder's transformer, are errors that say so. The conversion itself is diffusers' `from_single_file`, whose
+    Flux converter assumes the released 3072-wide layout: the loading of a real file is not exercised here."""
+    import sys
+    from pathlib import Path
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from safetensors.torch import save_file as save
+
+    from loraloop.trainer.errors import LoraLoopError
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from comfy_real_support.flow_checkpoints import flux_state_dict  # BFL's layout, written key by key
+
+    tiny = build_tiny_bundle("tiny-flux1")
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=tiny.vae,
+                        text_encoder=tiny.text_encoders[0].module, tokenizer=tiny.tokenizers[0],
+                        text_encoder_2=tiny.text_encoders[1].module, tokenizer_2=tiny.tokenizers[1],
+                        transformer=tiny.unet)
+    pipe.save_pretrained(str(tmp_path / "flux-folder"))
+    file = tmp_path / "my-flux-finetune.safetensors"
+    save({k: v.contiguous() for k, v in flux_state_dict(seed=3).items()}, str(file))
+    with pytest.raises(LoraLoopError, match="set components_from to that family's diffusers folder"):
+        load_checkpoint_bundle(file)
+    with pytest.raises(LoraLoopError, match="is not a diffusers folder"):
+        load_checkpoint_bundle(file, components_from=str(tmp_path))
+    with pytest.raises(LoraLoopError, match="is it a FluxPipeline transformer of the same size"):
+        load_checkpoint_bundle(file, components_from=str(tmp_path / "flux-folder"))

@@ -48,6 +48,9 @@ class TrainConfig:
     base_model: str = _f("builtin:tiny-sd1", "Checkpoint (.safetensors/.ckpt) of SD 1.x/2.x/XL, a diffusers folder "
                          "(also Flux.1 and SD3/3.5), or a built-in model: builtin:demo-base, builtin:tiny-sd1, "
                          "builtin:tiny-sdxl, builtin:tiny-flux1, builtin:tiny-sd3.", group="model")
+    components_from: str | None = _f(None, "For a single-file Flux.1/SD3 transformer (flux1-dev.safetensors, a "
+                                     "fine-tune): that family's diffusers folder, which supplies the text encoders, "
+                                     "their tokenizers and the VAE.", group="model")
     base_weight_dtype: str = _f("model", "Storage of the frozen base weights: model (as loaded / as the host holds "
                                 "them) or fp8 (the denoiser's adapted Linears stored as float8_e4m3fn and computed in "
                                 "the training precision per layer: half the memory of bf16; command line only, "

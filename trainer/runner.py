@@ -69,7 +69,7 @@ def load_bundle(config: TrainConfig, device: torch.device | str | None = None) -
     if target.type == "cuda" and config.mixed_precision in ("fp16", "bf16"):
         dtype = torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
     return resolve_base_model(config.base_model, family=config.family, prediction_type=config.prediction_type,
-                              dtype=dtype, device=device or target)
+                              dtype=dtype, device=device or target, components_from=config.components_from)
 
 
 def prepare_batches(bundle: ModelBundle, dataset: TrainDataset, config: TrainConfig, sink: ProgressSink,

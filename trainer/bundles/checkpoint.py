@@ -94,6 +94,10 @@ def _key_prefixes(keys: list[str], limit: int = 6) -> str:
     return ", ".join(f"{p} ({n})" for p, n in counts.most_common(limit))
 
 
+class FlowSingleFile(UnsupportedModelError):
+    """A single-file Flux.1/SD3 transformer: loaded with `components_from` (bundles/flow_loading.py)."""
+
+
 def _unsupported(source: str, what: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"{source} is {what}, which LoRA Loop cannot train; supported: {SUPPORTED}")
 
@@ -115,10 +119,7 @@ def _reject_other_models(keys: list[str], source: str) -> None:
     )
     for test, what in host_only:
         if any(test(k) for k in keys):
-            msg = (f"{source} is {what}: the command line loads single files of SD1/SD2/SDXL only so far; give the "
-                   "model's diffusers folder (FluxPipeline / StableDiffusion3Pipeline, with model_index.json), or "
-                   "train it inside ComfyUI (load it there and connect the MODEL to LoRA Loop's TrainLoRA node)")
-            raise UnsupportedModelError(msg)
+            raise FlowSingleFile(f"{source} is {what}")
     checks = (
         (lambda k: k == "clip_txt_mapper.weight" or ".channelwise." in k, "a Stable Cascade model"),
         (lambda k: k.startswith(UNET_PREFIX) and (".time_stack." in k or ".time_mixer." in k),
@@ -652,7 +653,7 @@ def _freeze(bundle: DiffusersBundle, device: torch.device | str) -> DiffusersBun
 
 def load_checkpoint_bundle(path: str | Path, *, family: str | None = None, prediction_type: str | None = None,
                            dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                           config_dir: Path | None = None) -> DiffusersBundle:
+                           config_dir: Path | None = None, components_from: str | None = None) -> DiffusersBundle:
     """Load a base model without network access: a single `.safetensors`/`.ckpt` file or a diffusers folder.
 
     Args:
@@ -662,6 +663,8 @@ def load_checkpoint_bundle(path: str | Path, *, family: str | None = None, predi
         dtype: dtype of the UNet and text encoders (the VAE is always float32).
         device: where the modules end up.
         config_dir: a diffusers config folder to use for a single file instead of the shipped `model_configs/<family>`.
+        components_from: for a single-file Flux.1/SD3 transformer, the family's diffusers folder that supplies the
+            text encoders, tokenizers and VAE.
 
     Returns:
         A frozen (eval, no grad) `DiffusersBundle`.
@@ -679,7 +682,12 @@ def load_checkpoint_bundle(path: str | Path, *, family: str | None = None, predi
             log.warning("config_dir %s is ignored: the diffusers folder %s has its own configs", config_dir, path)
         bundle = _load_diffusers_folder(path, family, prediction_type, dtype)
     elif path.suffix.lower() == ".safetensors" or path.suffix.lower() in TORCH_SUFFIXES:
-        bundle = _load_single_file(path, family, prediction_type, dtype, config_dir)
+        try:
+            bundle = _load_single_file(path, family, prediction_type, dtype, config_dir)
+        except FlowSingleFile:
+            from .flow_loading import load_flow_single_file
+
+            bundle = load_flow_single_file(path, components_from, family, dtype)  # type: ignore[assignment]
     else:
         raise LoraLoopError(f"{path}: unknown checkpoint type {path.suffix!r}; give a .safetensors, "
                             f"{', '.join(TORCH_SUFFIXES)} file or a diffusers folder")

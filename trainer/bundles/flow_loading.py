@@ -39,7 +39,11 @@ def _load(cls: type, folder: Path, subfolder: str, **kwargs: object) -> torch.nn
         raise LoraLoopError(f"cannot load {folder / subfolder} ({e})") from e
 
 
-def load_flow_folder(folder: Path, index: dict, family: str | None, dtype: torch.dtype) -> FlowBundle:
+def load_flow_folder(folder: Path, index: dict, family: str | None, dtype: torch.dtype,
+                     transformer_file: Path | None = None) -> FlowBundle:
+    """The folder's model; with `transformer_file` (a single-file Flux.1/SD3 transformer in BFL/SAI/ComfyUI layout, as
+    flux1-dev.safetensors or a fine-tune is published) that file replaces the folder's transformer, converted by
+    diffusers' `from_single_file` with the folder's transformer config (everything else comes from the folder)."""
     import transformers
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
     from transformers import AutoTokenizer
@@ -53,8 +57,17 @@ def load_flow_folder(folder: Path, index: dict, family: str | None, dtype: torch
         if not (folder / part / "config.json").is_file():
             msg = f"{folder} is a {pipeline} folder without {part}/config.json; the download is incomplete"
             raise LoraLoopError(msg)
-    transformer = _load(FluxTransformer2DModel if flux else SD3Transformer2DModel, folder, "transformer",
-                        torch_dtype=dtype)
+    cls = FluxTransformer2DModel if flux else SD3Transformer2DModel
+    if transformer_file is None:
+        transformer = _load(cls, folder, "transformer", torch_dtype=dtype)
+    else:
+        try:
+            transformer = cls.from_single_file(str(transformer_file), config=str(folder), subfolder="transformer",
+                                               torch_dtype=dtype, local_files_only=True)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            msg = (f"cannot load {transformer_file} as the transformer of {folder} ({e}); is it a {pipeline} "
+                   "transformer of the same size?")
+            raise LoraLoopError(msg) from e
     detected = ("flux1" if transformer.config.guidance_embeds else "flux1-schnell") if flux else "sd3"
     if family is not None and get_family(family).name != detected:
         msg = f"{folder} holds a {pipeline} detected as {detected}, but family is set to {family}; remove family"
@@ -82,4 +95,26 @@ def load_flow_folder(folder: Path, index: dict, family: str | None, dtype: torch
         shift = float(scheduler["shift"])
     log.info("loading %s folder %s as %s (shift %s)", pipeline, folder, detected, shift)
     arch = FluxArchitecture() if flux else SD3Architecture()
-    return FlowBundle(get_family(detected), arch, transformer, vae, encoders, tokenizers, folder.name, shift)
+    name = transformer_file.name if transformer_file is not None else folder.name
+    return FlowBundle(get_family(detected), arch, transformer, vae, encoders, tokenizers, name, shift)
+
+
+def load_flow_single_file(path: Path, components_from: str | None, family: str | None,
+                          dtype: torch.dtype) -> FlowBundle:
+    """A single-file Flux.1/SD3 transformer, with the text encoders, tokenizers and VAE of `components_from` (the
+    family's diffusers folder: T5's tokenizer ships with no package, so it has to come from a model folder)."""
+    if not components_from:
+        msg = (f"{path} holds a Flux.1/SD3 transformer only; set components_from to that family's diffusers folder "
+               "(FluxPipeline / StableDiffusion3Pipeline, with model_index.json) for its text encoders, tokenizers "
+               "and VAE, or train it inside ComfyUI (TrainLoRA on the loaded MODEL)")
+        raise LoraLoopError(msg)
+    folder = Path(components_from).expanduser()
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise LoraLoopError(f"components_from {folder} is not a diffusers folder (no model_index.json)")
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    if not is_flow_folder(index):
+        msg = (f"components_from {folder} is a {index.get('_class_name')}; a Flux.1/SD3 transformer needs a "
+               "FluxPipeline or StableDiffusion3Pipeline folder")
+        raise LoraLoopError(msg)
+    return load_flow_folder(folder, index, family, dtype, transformer_file=path)
