@@ -72,6 +72,7 @@ class ForgeBundle(PatcherBundle):
         super().__init__(objects.unet, objects.clip, objects.vae, name or webui.checkpoint_name(sd_model))
         self.sd_model = sd_model
         self._train_text = False
+        self.inplace_residuals = True  # ldm_patched's transformer blocks add `x += attn(norm(x))` in place
 
     @property
     def text_module(self) -> nn.Module:
@@ -129,16 +130,5 @@ def forget_cached_lora() -> None:
             cached.cache_clear()
 
 
-@contextlib.contextmanager
-def grad_ready(bundle: ForgeBundle) -> Iterator[None]:
-    """Autograd through Forge's modules: `trainable_weights` re-wraps inference-tensor weights (Forge Neo loads under
-    inference mode; Classic's are normal tensors) and keeps the residuals its blocks add in place (`x += …` after a
-    norm) from clobbering what backward needs — for the UNet and the CLIP (whose text model may train)."""
-    from ..trainer.bundles.patcher import trainable_weights
-
-    with trainable_weights(bundle.unet), trainable_weights(bundle.text_module):
-        yield
-
-
-__all__ = ["NEO_UNSUPPORTED", "ForgeBundle", "check_trainable", "detected", "forget_cached_lora", "grad_ready",
+__all__ = ["NEO_UNSUPPORTED", "ForgeBundle", "check_trainable", "detected", "forget_cached_lora",
            "memory_management", "torch", "training_memory"]

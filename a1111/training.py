@@ -167,7 +167,8 @@ def training_session(bundle: WebuiBundle | forge.ForgeBundle) -> Iterator[tuple[
     with torch.random.fork_rng(devices=cuda):
         try:
             if isinstance(bundle, forge.ForgeBundle):
-                with forge.training_memory(bundle), forge.grad_ready(bundle):
+                # text=True: the tab turns CLIP training on only after this (bundle.train_text in `_train`)
+                with forge.training_memory(bundle), bundle.trainable(text=True):
                     yield placements, []
                 return
             removed = webui.clear_applied_networks(bundle.sd_model)

@@ -7,16 +7,14 @@ Order matters (docs/hosts.md §3, Part C):
 3. the MODEL (and the CLIP when text is encoded during training) is loaded with every other model evicted
    (`load_models_gpu`, full load unless dynamic VRAM), with the CLIP/VAE when they encode during training; nothing
    calls model management again until training ends (the bundle encodes through the resident CLIP/VAE directly);
-4. inference-tensor weights are re-wrapped for autograd without a copy (`host.trainable_weights`), the engine trains
+4. inference-tensor weights are re-wrapped for autograd without a copy (`bundle.trainable()`), the engine trains
    (adapters injected and always removed), and the original Parameter objects are put back;
 5. the LoRA is applied to clones of MODEL/CLIP only (`comfy.sd.load_lora_for_models`); the inputs are untouched.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from ..trainer.plot import loss_curve, to_pil
 from ..trainer.runner import apply_plan, prepare_batches
 from ..trainer.sampling import sample_latents
 from ..trainer.session import SessionHooks, TrainingSession
-from .bundle import ComfyBundle, trainable_weights
+from .bundle import ComfyBundle
 from .datasets import ComfyDataset
 from .paths import find_lora, invalidate_lora_list, lora_target
 from .plan import plan_run, plan_text, require_fit
@@ -74,17 +72,6 @@ class ComfyRun:
     changes: list[str] = field(default_factory=list)
 
 
-@contextlib.contextmanager
-def _trainable(bundle: ComfyBundle) -> Iterator[int]:
-    """The UNet's (and, when the text encoder trains, the CLIP's) inference-tensor weights made usable by autograd."""
-    with contextlib.ExitStack() as stack:
-        count = stack.enter_context(trainable_weights(bundle.unet))
-        if bundle.live_text:
-            # (trainable_weights also keeps the CLIP's in-place residuals from breaking backward)
-            count += stack.enter_context(trainable_weights(bundle.clip.cond_stage_model))  # type: ignore[attr-defined]
-        yield count
-
-
 def _lora_file(stem: str) -> Path:
     folder, safe = lora_target(stem)
     return folder / f"{safe}.safetensors"
@@ -110,14 +97,14 @@ def _final_preview(bundle: ComfyBundle, config: TrainConfig, result: TrainResult
     """A fixed-seed sample with the LoRA in `steps` sampler steps (decoded with the real VAE after the adapters are
     gone), or the loss plot when `steps` is 0 or there is no prompt to sample.
 
-    The adapters go in under `trainable_weights` too: ComfyUI 0.12.3's weights are inference tensors with
+    The adapters go in under `bundle.trainable()` too: ComfyUI 0.12.3's weights are inference tensors with
     requires_grad=True, and `Network` turns requires_grad off and back on, which autograd refuses for inference tensors
     outside inference mode. Decoding happens after the re-wrap is undone (loading the VAE may move the UNet).
     """
     if steps <= 0 or not config.sample_prompts:
         return loss_curve(result.losses, title=f"{config.output_name}: loss")
     sink.status(f"sampling the preview ({steps} steps, cfg {config.sample_cfg:g})")
-    with _trainable(bundle), torch.no_grad(), applied_lora(bundle, spec, result.state_dict):
+    with bundle.trainable(), torch.no_grad(), applied_lora(bundle, spec, result.state_dict):
         latents = sample_latents(bundle, config.sample_prompts[:1], height=config.resolution, width=config.resolution,
                                  steps=steps, cfg=config.sample_cfg, seed=config.seed, on_step=sink.sampling_step)
     bundle.preview_decode = False
@@ -180,7 +167,7 @@ def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_conf
                            encode_images=batches.latent_cache is None)
         bundle.preview_decode = True
         try:
-            with _trainable(bundle) as wrapped:
+            with bundle.trainable() as wrapped:
                 log.info("LoRA Loop: %d frozen tensors re-wrapped for autograd (no copy)", wrapped)
                 result = session.train(batches)
             # Outside the re-wrap: decoding may make ComfyUI move the UNet's (original) weights.

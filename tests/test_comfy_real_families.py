@@ -125,7 +125,7 @@ def _overfit(bundle, network, batch, after_step=None) -> list[float]:
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_family_trains_and_comfyui_loads_the_lora(comfy, case, caplog):
-    from loraloop.nodes.bundle import ComfyBundle, detect_family, trainable_weights
+    from loraloop.nodes.bundle import ComfyBundle, detect_family
     from loraloop.trainer.naming import native_lora_name
     from loraloop.trainer.network import Network, NetworkSpec
 
@@ -146,7 +146,7 @@ def test_family_trains_and_comfyui_loads_the_lora(comfy, case, caplog):
     probe_x = torch.randn(1, 16, *case.latent, generator=torch.Generator().manual_seed(7))
     probe_sigma = torch.tensor([0.6])
     torch.manual_seed(SEED)
-    with torch.inference_mode(False), trainable_weights(bundle.unet) as wrapped, \
+    with torch.inference_mode(False), bundle.trainable() as wrapped, \
             Network(bundle, NetworkSpec(rank=4, alpha=4)) as net:
         assert wrapped >= len(snap)  # every weight (and inference buffer) re-wrapped for autograd
         losses = _overfit(bundle, net, (cond, latents, draw))
@@ -207,7 +207,7 @@ def test_family_gradient_checkpointing_gives_the_same_gradients(comfy, case):
     """The planner may turn gradient_checkpointing on. ComfyUI's DiT blocks add residuals into their input tensors in
     place (`img += …`), and checkpoint recomputes each block from its inputs in backward: the adapters' gradients
     must still be those of the plain run, and the blocks' forwards must be theirs again afterwards."""
-    from loraloop.nodes.bundle import ComfyBundle, trainable_weights
+    from loraloop.nodes.bundle import ComfyBundle
     from loraloop.trainer.checkpointing import gradient_checkpointing
     from loraloop.trainer.loss import LossSettings, diffusion_loss
     from loraloop.trainer.network import Network, NetworkSpec
@@ -220,7 +220,7 @@ def test_family_gradient_checkpointing_gives_the_same_gradients(comfy, case):
     grads = []
     for enabled in (False, True):
         torch.manual_seed(SEED)
-        with trainable_weights(bundle.unet), Network(bundle, NetworkSpec(rank=4, alpha=4)) as net, \
+        with bundle.trainable(), Network(bundle, NetworkSpec(rank=4, alpha=4)) as net, \
                 gradient_checkpointing(bundle.unet, enabled) as blocks:
             assert (blocks > 0) == enabled
             params = net.parameters()
@@ -242,7 +242,7 @@ def test_flux_trains_on_fp8_weights_as_comfyui_holds_them(comfy):
     """A Flux MODEL loaded with fp8 weights (UNETLoader weight_dtype fp8_e4m3fn): the adapters train on top of the
     weights as they are — every block weight stays fp8 throughout (ComfyUI's manual-cast ops cast per call, no
     dequantised copy is kept), the loss falls, and the weights are bit-identical afterwards."""
-    from loraloop.nodes.bundle import ComfyBundle, trainable_weights
+    from loraloop.nodes.bundle import ComfyBundle
     from loraloop.trainer.memory import ModelInfo
     from loraloop.trainer.network import Network, NetworkSpec
 
@@ -261,7 +261,7 @@ def test_flux_trains_on_fp8_weights_as_comfyui_holds_them(comfy):
     assert ModelInfo.for_bundle(bundle).sizes.unet == sum(p.numel() for p in unet.parameters())
     cond, latents, draw = _inputs(case)
     torch.manual_seed(SEED)
-    with torch.inference_mode(False), trainable_weights(bundle.unet), \
+    with torch.inference_mode(False), bundle.trainable(), \
             Network(bundle, NetworkSpec(rank=4, alpha=4)) as net:
         def still_fp8() -> None:  # after every step: the adapted layers still hold fp8, nothing was upcast
             held = dict(unet.named_parameters())

@@ -241,9 +241,12 @@ class Network:
         if missing:
             log.warning("%d adapted modules are not in the file and keep their fresh initialisation (e.g. %s)",
                         len(missing), missing[:3])
+        by_stem: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():  # one pass: each key split once
+            stem, part = split_key(key)
+            by_stem.setdefault(stem, {})[part] = value
         for stem in sorted(stems):
-            _import_layer(self.spec.network_type, layers[stem], {split_key(k)[1]: v for k, v in state.items()
-                                                                 if split_key(k)[0] == stem}, stem)
+            _import_layer(self.spec.network_type, layers[stem], by_stem[stem], stem)
 
     # -- removal --------------------------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -291,8 +294,8 @@ def stems_of(state: dict[str, torch.Tensor]) -> set[str]:
 
 
 def kohya_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Stems split off at the adapter suffix, `lora_A`/`lora_B` renamed to kohya's `lora_down`/`lora_up` (diffusers'
-    stems hold dots: `transformer.x.attn.to_q`, so the stem is what precedes the suffix, not the first dot)."""
+    """`state` with diffusers' `lora_A`/`lora_B` tensor names renamed to kohya's `lora_down`/`lora_up` (unchanged when
+    it has none)."""
     if not any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state):
         return state
     back = {v: k for k, v in DIFFUSERS_KEYS.items()}

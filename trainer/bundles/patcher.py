@@ -136,9 +136,7 @@ def trainable_weights(root: nn.Module) -> Iterator[int]:
 
     Each one is replaced by a frozen Parameter (or plain buffer) viewing the same storage; on exit the original objects
     are put back, so the module is bit-identical and identical in identity afterwards. Must run with inference mode off.
-    For the duration the host also runs kernels that have a backward (`host_autograd`), and the residuals ComfyUI's DiT
-    blocks add in place (`img += …` after `img_norm2(img)`, comfy/ldm/flux/layers.py) leave the norms' saved inputs
-    intact (`autograd_safe_residuals`). Yields how many tensors were re-wrapped.
+    Yields how many tensors were re-wrapped.
     """
     swapped: list[tuple[dict, str, torch.Tensor]] = []
     try:
@@ -150,8 +148,7 @@ def trainable_weights(root: nn.Module) -> Iterator[int]:
                     view = _normal_view(tensor)
                     table[name] = nn.Parameter(view, requires_grad=False) if isinstance(tensor, nn.Parameter) else view
                     swapped.append((table, name, tensor))
-        with host_autograd(), autograd_safe_residuals([root]):
-            yield len(swapped)
+        yield len(swapped)
     finally:
         for table, name, original in reversed(swapped):
             table[name] = original
@@ -321,6 +318,27 @@ class PatcherBundle:
         self.clip_resident = False  # True while TrainLoRA holds the CLIP loaded for training (see `_encode_tokens`)
         self.vae_resident = False  # … and the VAE, when images are encoded every step (`cache_latents: false`)
         self._attention_override = attention_override
+        # ComfyUI's DiT blocks add residuals in place right after a norm saved the same tensor (`img += …`,
+        # comfy/ldm/flux/layers.py); its SD UNets do not, and hooking their norms would copy activations for nothing.
+        self.inplace_residuals = self.family.is_flow
+
+    @contextlib.contextmanager
+    def trainable(self, text: bool | None = None) -> Iterator[int]:
+        """Autograd through the host's modules for a run: the UNet's (and with `text`, default: while the text encoder
+        trains, the CLIP's) inference-tensor weights re-wrapped (`trainable_weights`), kernels that have a backward
+        (`host_autograd`), and the norms' saved inputs kept from in-place residual adds where the model does them
+        (`inplace_residuals`; ComfyUI's CLIP always, comfy/clip_model.py). Yields how many tensors were re-wrapped."""
+        text = self.live_text if text is None else text
+        with contextlib.ExitStack() as stack:
+            count = stack.enter_context(trainable_weights(self.unet))
+            stack.enter_context(host_autograd())
+            if self.inplace_residuals:
+                stack.enter_context(autograd_safe_residuals([self.unet]))
+            if text:
+                clip_model = self.clip.cond_stage_model  # type: ignore[attr-defined]
+                count += stack.enter_context(trainable_weights(clip_model))
+                stack.enter_context(autograd_safe_residuals([clip_model]))
+            yield count
 
     @property
     def prediction_type(self) -> str:
