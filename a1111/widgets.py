@@ -30,6 +30,8 @@ HOST_OWNED: dict[str, str] = {
     "base_model": "the checkpoint loaded in the webui is trained",
     "family": "detected from the loaded model",
     "prediction_type": "read from the loaded model (parameterization)",
+    "blocks_to_swap": "the memory planner chooses it; the webui's models are placed by the webui (Forge: its model "
+                      "management)",
 }
 # Options of the A1111 tab that are not training settings: what is written beside the LoRA.
 EXTRA_FIELDS: dict[str, dict[str, Any]] = {

@@ -1,4 +1,5 @@
-"""GPU check of the memory planner: full-size random-weight SD1.5 at 512 and SDXL at 1024 under memory budgets.
+"""GPU check of the memory planner: full-size random-weight SD1.5 at 512, SDXL at 1024 and Flux.1 dev at 1024 under
+memory budgets.
 
 For each family and each budget (4, 6, 8, 12, 24 GB, enforced with `torch.cuda.set_per_process_memory_fraction`):
 plan with every plannable key on auto and the effective batch 2, cache latents/text with the UNet off the GPU, move
@@ -12,7 +13,13 @@ Run (one shot, about 3-5 minutes on an H100; needs diffusers and peft importable
 
     python bench/vram_plan_gpu.py [--families sd1 sdxl] [--budgets 4 6 8 12 24] [--steps 6] [--json $OUT/plan.json]
 
-`--smoke` runs the same code on the CPU with the tiny built-in models (no budgets enforced) to check the script.
+Flux.1 (`--families flux1`, 11.9 B parameters, bf16 and `--fp8` weights) runs the transformer alone: T5/CLIP outputs
+and latents are random tensors of the real shapes (the encoders are cached before training in every real run, so
+they are not part of the training peak). The planner may swap blocks (`blocks_to_swap: auto`); the swapped blocks stay
+in pinned host memory and stream in (trainer/blockswap.py). Flux budgets: 8, 12, 16, 24 GB; the targets: 8 GB fits.
+
+`--smoke` runs the same code on the CPU with the tiny built-in models (no budgets enforced) to check the script; for
+flux1 it forces 2 swapped blocks so the swap path runs too.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,16 +43,23 @@ from PIL import Image
 
 from loraloop.trainer import loop
 from loraloop.trainer.batches import BatchMaker, dataset_options
+from loraloop.trainer.blockswap import place_unswapped
+from loraloop.trainer.bundle import Conditioning
 from loraloop.trainer.bundles.diffusers_bundle import DiffusersBundle
+from loraloop.trainer.bundles.flow_bundle import FlowBundle
 from loraloop.trainer.config import PLANNABLE, TrainConfig
 from loraloop.trainer.data import LatentCache, TrainDataset
 from loraloop.trainer.families import get_family
+from loraloop.trainer.fp8 import store_fp8
 from loraloop.trainer.memory import GIB, DatasetFacts, ModelInfo, OomRecovery, PlanRequest, current_device, make_plan
 from loraloop.trainer.metadata import RunInfo
 
-RESOLUTION = {"sd1": 512, "sdxl": 1024}
-RANK = {"sd1": 8, "sdxl": 8}
-MUST_FIT = {"sd1": 4, "sdxl": 8}  # the issue's targets: smallest budget (GB) that must fit automatically
+RESOLUTION = {"sd1": 512, "sdxl": 1024, "flux1": 1024}
+RANK = {"sd1": 8, "sdxl": 8, "flux1": 16}
+MUST_FIT = {"sd1": 4, "sdxl": 8, "flux1": 8, "flux1-fp8": 8}  # the issues' targets: smallest budget (GB) that fits
+BUDGETS = {"sd1": [4, 6, 8, 12, 24], "sdxl": [4, 6, 8, 12, 24], "flux1": [8, 12, 16, 24]}
+FP8_BUDGETS = {"flux1": [8, 12]}  # then the same weights stored in fp8 (trainer/fp8.py)
+DIT_FAMILIES = ("flux1",)
 EFFECTIVE_BATCH = 2
 TOLERANCE = 0.10
 
@@ -81,6 +96,51 @@ def build_random(family: str, dtype: torch.dtype, device: str) -> RandomBundle:
                         f"random-{family}")
 
 
+class RandomFlowBundle(FlowBundle):
+    """A diffusers Flux transformer with random weights; text conditioning and latents are random tensors of the real
+    shapes (T5-XXL 512×4096, CLIP-L pooled 768, 16-channel latents)."""
+
+    def __init__(self, transformer: torch.nn.Module, name: str) -> None:
+        from types import SimpleNamespace
+
+        from loraloop.trainer.bundles.flux import FluxArchitecture
+
+        vae = torch.nn.Linear(1, 1)
+        vae.config = SimpleNamespace(scaling_factor=0.3611, shift_factor=0.1159, latent_channels=16)
+        super().__init__(get_family("flux1"), FluxArchitecture(), transformer, vae, [], [], name)
+        self.text_width = int(transformer.config.joint_attention_dim)
+        self.pooled_width = int(transformer.config.pooled_projection_dim)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = pixels.shape
+        return torch.randn(b, 16, h // 8, w // 8, generator=torch.Generator().manual_seed(b * h + w)).to(self.device)
+
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        gen = torch.Generator().manual_seed(len(captions))
+        context = torch.randn(len(captions), 512, self.text_width, generator=gen)
+        pooled = torch.randn(len(captions), self.pooled_width, generator=gen)
+        return Conditioning(context.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
+
+
+def build_random_flux(dtype: torch.dtype, smoke: bool) -> RandomFlowBundle:
+    """Flux.1 dev at its released size (diffusers' defaults are its config), initialised on the GPU (fast) and kept in
+    CPU memory between budgets; `smoke`: 2 double + 3 single blocks on the CPU."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    if smoke:
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=3,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    else:
+        with torch.device("cuda"):
+            transformer = FluxTransformer2DModel(guidance_embeds=True).to(dtype)
+        transformer.to("cpu")
+        release()
+    transformer.eval().requires_grad_(False)
+    return RandomFlowBundle(transformer, "random-flux1" if not smoke else "tiny-random-flux1")
+
+
 def tiny(family: str) -> DiffusersBundle:
     from loraloop.trainer.bundles.tiny import build_tiny_bundle
 
@@ -109,31 +169,42 @@ def move(modules: list[torch.nn.Module], device: str) -> None:
     release()
 
 
-def run_budget(family: str, bundle: DiffusersBundle, info: ModelInfo, data: Path, budget_gb: float, steps: int,
-               device: str, smoke: bool) -> dict:
+def run_budget(family: str, bundle: DiffusersBundle | FlowBundle, info: ModelInfo, data: Path, budget_gb: float,
+               steps: int, device: str, smoke: bool, weight_bytes: float | None = None) -> dict:
     resolution = 64 if smoke else RESOLUTION[family]
-    row: dict = {"family": family, "budget_gb": budget_gb, "resolution": resolution}
+    dit = family in DIT_FAMILIES
+    weights = "fp8" if weight_bytes == 1 else "bf16"
+    row: dict = {"family": family if weights == "bf16" else f"{family}-fp8", "budget_gb": budget_gb,
+                 "resolution": resolution}
     budget = int(budget_gb * GIB)
+    # Flux: one image per step as its users train it (effective batch 2 is the SD rows' setting).
     config = TrainConfig(family=family, train_data_dir=str(data), metadata_path=str(data / "metadata.csv"),
                          resolution=resolution, enable_bucket=False, min_bucket_reso=min(256, resolution),
-                         batch_size=EFFECTIVE_BATCH, lora_rank=RANK[family], max_train_steps=steps,
+                         batch_size=1 if dit else EFFECTIVE_BATCH, lora_rank=RANK[family], max_train_steps=steps,
                          lr_scheduler="constant", learning_rate=1e-5, seed=0).validate()
     dataset = TrainDataset.from_options(dataset_options(config), seed=0)
     spec = current_device(device)
-    plan = make_plan(config, PlanRequest(info, spec, budget, frozenset(PLANNABLE), DatasetFacts.from_dataset(dataset)))
-    row.update(fits=plan.fits, plan=plan.to_dict())
-    print(f"\n=== {family} {resolution}px, budget {budget_gb} GB on {spec.name} ===")
+    auto = frozenset(PLANNABLE) - ({"blocks_to_swap"} if smoke and dit else set())
+    if smoke and dit:
+        config = replace(config, blocks_to_swap=2, gradient_checkpointing=True)
+    plan = make_plan(config, PlanRequest(info, spec, budget, auto, DatasetFacts.from_dataset(dataset),
+                                         weight_bytes=weight_bytes))
+    row.update(fits=plan.fits, plan=plan.to_dict(), blocks_to_swap=plan.shape.blocks_to_swap)
+    print(f"\n=== {row['family']} {resolution}px, budget {budget_gb} GB on {spec.name} ===")
     for line in plan.lines():
         print("  " + line)
     if not plan.fits:
         return row
     config = plan.apply(config)
     dataset = TrainDataset.from_options(dataset_options(config), seed=0)
-    encoders = [bundle.vae, *(s.module for s in bundle.text_encoders)]
+    encoders = [] if dit else [bundle.vae, *(s.module for s in bundle.text_encoders)]
     if device == "cuda":
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
         move([bundle.unet], "cpu")  # cache first, without the UNet (what the runner should do)
         move(encoders, "cuda")
+        if dit:  # the random "encoders" make tensors on the transformer's device: put its non-block parts there
+            place_unswapped(bundle.unet, "cuda", len(bundle.unet.transformer_blocks) +
+                            len(bundle.unet.single_transformer_blocks))
         torch.cuda.reset_peak_memory_stats()
     # What the runner should do: cache one image at a time before the UNet is on the GPU, then offload the encoders.
     cache = LatentCache(bundle.encode_images, encoder_id=bundle.name, options=dataset.options)
@@ -143,13 +214,15 @@ def run_budget(family: str, bundle: DiffusersBundle, info: ModelInfo, data: Path
         row["cache_peak_gb"] = torch.cuda.max_memory_allocated() / GIB
         row["predicted_cache_gb"] = plan.memory.phases.get("cache", 0) / GIB
         move(encoders, "cpu")
-        move([bundle.unet], "cuda")
+        if dit:  # what the runner does: the swapped blocks never enter the device whole
+            place_unswapped(bundle.unet, "cuda", plan.shape.blocks_to_swap)
+            release()
+        else:
+            move([bundle.unet], "cuda")
         torch.cuda.reset_peak_memory_stats()
     batches.chunk_size = plan.chunk_size
     run = RunInfo(model_name=bundle.name)
     recovery = OomRecovery(bundle, batches, config, run=run, spill_guard=None)
-    original = loop._optimizer_step
-    loop._optimizer_step = recovery.wrap(original)
     times: list[float] = []
     last = [time.perf_counter()]
 
@@ -161,14 +234,11 @@ def run_budget(family: str, bundle: DiffusersBundle, info: ModelInfo, data: Path
         last[0] = now
 
     try:
-        with recovery:
-            loop.train(bundle, batches, config, run=run, on_step_end=tick)
+        loop.train(bundle, batches, config, run=run, on_step_end=tick, recovery=recovery)
         row["status"] = "ok"
     except Exception as error:
         row["status"] = f"{type(error).__name__}: {error}"
         traceback.print_exc()
-    finally:
-        loop._optimizer_step = original
     row["adjustments"] = [a.message for a in recovery.adjustments]
     row["predicted_gb"] = plan.memory.peak / GIB
     row["predicted_train_gb"] = (max(plan.memory.phases["train"], plan.memory.phases["optimizer"])
@@ -202,7 +272,8 @@ def _fmt(row: dict, key: str, spec: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="+", default=["sd1", "sdxl"])
-    parser.add_argument("--budgets", nargs="+", type=float, default=[4, 6, 8, 12, 24])
+    parser.add_argument("--budgets", nargs="+", type=float, help="GB (default: per family, BUDGETS)")
+    parser.add_argument("--fp8-budgets", nargs="*", type=float, help="GB for fp8 weights (default: FP8_BUDGETS)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models: check the script itself")
@@ -216,24 +287,36 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             t0 = time.perf_counter()
-            bundle = tiny(family) if args.smoke else build_random(family, torch.bfloat16, "cuda")
+            if family in DIT_FAMILIES:
+                bundle = build_random_flux(torch.bfloat16, args.smoke)
+            else:
+                bundle = tiny(family) if args.smoke else build_random(family, torch.bfloat16, "cuda")
             info = ModelInfo.for_bundle(bundle) if args.smoke else ModelInfo.for_family(family)
             folder = Path(tmp) / family
             folder.mkdir()
             data = make_dataset(folder, 64 if args.smoke else RESOLUTION[family])
             print(f"built {family} in {time.perf_counter() - t0:.1f}s")
-            for budget in args.budgets:
+            runs = [(b, None) for b in (args.budgets or BUDGETS[family])]
+            fp8 = FP8_BUDGETS.get(family, []) if args.fp8_budgets is None else args.fp8_budgets
+            runs += [(b, 1.0) for b in (fp8 if family in DIT_FAMILIES else [])]
+            in_fp8 = False
+            for budget, weight_bytes in runs:
+                if weight_bytes == 1.0 and not in_fp8:
+                    store_fp8(bundle.unet, list(bundle.unet_targets(conv=False)))  # the rest of the runs are fp8
+                    in_fp8 = True
                 try:
-                    rows.append(run_budget(family, bundle, info, data, budget, args.steps, device, args.smoke))
+                    rows.append(run_budget(family, bundle, info, data, budget, args.steps, device, args.smoke,
+                                           weight_bytes))
                 except Exception as error:
                     traceback.print_exc()
                     rows.append({"family": family, "budget_gb": budget, "status": f"crashed: {error}"})
             del bundle
             release()
-    print(f"\n{'family':<6}{'GB':>5} {'fits':>5} {'pred GB':>8} {'meas GB':>8} {'err':>7} {'pred s':>7} {'meas s':>7}"
+    print(f"\n{'family':<10}{'GB':>5} {'fits':>5} {'pred GB':>8} {'meas GB':>8} {'err':>7} {'pred s':>7} {'meas s':>7}"
           f"  status")
     for r in rows:
-        print(f"{r['family']:<6}{r['budget_gb']:>5g} {r.get('fits', '-')!s:>5} {_fmt(r, 'predicted_train_gb', '8.2f')} "
+        print(f"{r['family']:<10}{r['budget_gb']:>5g} {r.get('fits', '-')!s:>5} "
+              f"{_fmt(r, 'predicted_train_gb', '8.2f')} "
               f"{_fmt(r, 'measured_gb', '8.2f')} {_fmt(r, 'error', '+7.1%')} {_fmt(r, 'predicted_s', '7.3f')} "
               f"{_fmt(r, 'measured_s', '7.3f')}  {r.get('status', '-')}")
     print(f"total {time.perf_counter() - start:.0f}s")

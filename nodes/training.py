@@ -78,7 +78,9 @@ def _lora_file(stem: str) -> Path:
 
 
 def _load_for_training(bundle: ComfyBundle, config: TrainConfig, dynamic_captions: bool,
-                       encode_images: bool = False) -> None:
+                       encode_images: bool = False, weight_budget: int | None = None) -> None:
+    """Load what training needs with every other model evicted. `weight_budget`: the plan streams blocks
+    (`blocks_to_swap`): only that many bytes of the UNet's weights go on the device (ComfyUI's own partial loading)."""
     import comfy.model_management as mm
 
     models = [bundle.patcher]
@@ -89,7 +91,22 @@ def _load_for_training(bundle: ComfyBundle, config: TrainConfig, dynamic_caption
         models.append(bundle.vae.patcher)  # type: ignore[attr-defined]
         bundle.vae_resident = True
     dynamic = bool(getattr(bundle.patcher, "is_dynamic", lambda: False)())
-    mm.load_models_gpu(models, memory_required=EVICT_ALL_OTHER_MODELS, force_full_load=not dynamic)
+    partial = weight_budget is not None and not dynamic  # dynamic VRAM streams weights on demand by itself
+    mm.load_models_gpu(models, memory_required=EVICT_ALL_OTHER_MODELS, force_full_load=not dynamic and not partial)
+    if partial:
+        keep_weights_on_device(bundle.patcher, int(weight_budget))  # type: ignore[arg-type]
+
+
+def keep_weights_on_device(patcher: Any, budget: int) -> None:
+    """Leave `budget` bytes of the MODEL's weights on its device and the rest in RAM, by ComfyUI's own lowvram
+    loading: the layers left out cast their weights to the device as they run (comfy.ops), in forward and again in
+    gradient checkpointing's recompute, so the trained LoRA sees the same weights. ComfyUI keeps its books, and the
+    next `load_models_gpu` loads the model as the workflow needs it."""
+    loaded = int(patcher.loaded_size())
+    if loaded != budget:
+        patcher.partially_load(patcher.load_device, budget - loaded)
+    log.info("LoRA Loop: %.2f GB of the model's weights on the device, %.2f GB stream from RAM",
+             patcher.loaded_size() / 2**30, max(0, patcher.model_size() - patcher.loaded_size()) / 2**30)
 
 
 def _final_preview(bundle: ComfyBundle, config: TrainConfig, result: TrainResult, spec: NetworkSpec,
@@ -163,8 +180,10 @@ def train_lora(model: Any, clip: Any, vae: Any, dataset: ComfyDataset, node_conf
         except TrainingInterrupted as stop:  # Cancel while caching latents: nothing trained yet
             raise mm.InterruptProcessingException() from stop
         batches.chunk_size = plan.chunk_size if plan is not None else None
+        swapping = plan is not None and plan.shape.blocks_to_swap > 0 and plan.shape.weights_resident is False
         _load_for_training(bundle, config, dynamic_captions=not batches.text_cached,  # text encoded every step
-                           encode_images=batches.latent_cache is None)
+                           encode_images=batches.latent_cache is None,
+                           weight_budget=plan.memory.parts["weights_unet"] if swapping else None)
         bundle.preview_decode = True
         try:
             with bundle.trainable() as wrapped:

@@ -31,11 +31,13 @@ HOST_OWNED: dict[str, str] = {
     "overwrite": "files are never overwritten: saved names are made unique",
     "logging_dir": "an absolute folder would make the workflow machine-specific",
     "cache_latents_to_disk": "latents are cached in memory inside ComfyUI",
+    "blocks_to_swap": "the memory planner chooses it (0 when the model fits); ComfyUI's own partial loading keeps "
+                      "the rest of the weights in RAM and streams them per layer",
     "auto": "set a widget to 'auto' to let the memory planner choose it; as in the CLI's default, the planner may "
             "also trade batch_size for accumulation_steps (same effective batch) and split micro-batches into chunks",
 }
 # As the engine's default `auto`: the planner may trade batch_size for accumulation_steps, keeping their product.
-ALWAYS_PLANNED = frozenset({"batch_size", "accumulation_steps"})
+ALWAYS_PLANNED = frozenset({"batch_size", "accumulation_steps", "blocks_to_swap"})
 # Resolved by the node itself from the MODEL ("auto" = the family size / the model dtype), never lowered by the plan.
 NODE_RESOLVED = frozenset({"resolution", "mixed_precision"})
 # LoRATrainConfig's widget order. A saved workflow stores widget values by position (`widgets_values`), so this order

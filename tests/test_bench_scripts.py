@@ -30,3 +30,11 @@ def test_vram_plan_gpu_without_cuda_says_how_to_check_it(capsys):
         pytest.skip("a CUDA device is present")
     assert _load("vram_plan_gpu").main([]) == 2
     assert "--smoke" in capsys.readouterr().out
+
+
+def test_vram_plan_gpu_smoke_runs_flux_with_swapped_blocks_and_fp8(capsys):
+    """The Flux path of the GPU script (random conditioning, block swap, then fp8 weights) on a tiny Flux."""
+    script = _load("vram_plan_gpu")
+    assert script.main(["--smoke", "--families", "flux1", "--budgets", "8", "--fp8-budgets", "8", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks_to_swap 2" in out and "flux1-fp8" in out and "OK: no OOM" in out

@@ -305,3 +305,33 @@ def test_text_encoder_lora_trains_flux_clip_l_only(host):
 
     with pytest.raises(UnsupportedModelError, match="zimage has no CLIP text encoder"):
         text_encoder_slots(clip, get_family("zimage"))
+
+
+def test_a_plan_that_swaps_blocks_loads_part_of_the_weights_through_comfyui(host, monkeypatch):
+    """When the plan streams blocks, TrainLoRA asks ComfyUI's own partial loading (lowvram) to keep the plan's weight
+    bytes on the device and trains with checkpointing; the model is handed back bit-identical."""
+    from dataclasses import replace
+
+    from loraloop.nodes import training
+
+    real_plan = training.plan_run
+    budgets = []
+
+    def swapping_plan(bundle, config, data):
+        plan = real_plan(bundle, config, data)
+        budget = int(bundle.patcher.model_size() * 0.4)
+        budgets.append(budget)
+        memory = replace(plan.memory, parts={**plan.memory.parts, "weights_unet": budget})
+        return replace(plan, shape=replace(plan.shape, blocks_to_swap=2, gradient_checkpointing=True,
+                                           weights_resident=False), memory=memory)
+
+    monkeypatch.setattr(training, "plan_run", swapping_plan)
+    mm.load_calls.clear()
+    patcher, run, snap = _train(host)
+    assert run.steps == 3 and all(math.isfinite(v) for v in run.losses)
+    (_, _, full_load), = [c for c in mm.load_calls if c[0][0] is patcher]
+    assert not full_load
+    assert patcher.partial_loads == [(patcher.load_device, budgets[0] - patcher.model_size())]
+    assert patcher.loaded_size() == budgets[0]
+    assert run.lora.metadata["ss_gradient_checkpointing"] == "True"
+    assert_unchanged(patcher.model.diffusion_model, snap)

@@ -16,10 +16,10 @@ from torch.utils.checkpoint import checkpoint
 
 # Same class names in diffusers, ldm/sgm, ComfyUI and Forge; then the DiT blocks (ComfyUI/BFL and diffusers names of
 # Flux, Chroma, SD3, Lumina 2/Z-Image, Qwen-Image).
-CHECKPOINT_CLASSES = {"BasicTransformerBlock", "ResnetBlock2D", "ResBlock",
-                      "DoubleStreamBlock", "SingleStreamBlock", "JointBlock", "JointTransformerBlock",
-                      "QwenImageTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
-                      "ZImageTransformerBlock", "Lumina2TransformerBlock"}
+DIT_BLOCK_CLASSES = {"DoubleStreamBlock", "SingleStreamBlock", "JointBlock", "JointTransformerBlock",
+                     "QwenImageTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
+                     "ZImageTransformerBlock", "Lumina2TransformerBlock"}
+CHECKPOINT_CLASSES = {"BasicTransformerBlock", "ResnetBlock2D", "ResBlock", *DIT_BLOCK_CLASSES}
 
 
 def _own(value: object) -> object:

@@ -35,7 +35,7 @@ SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 # Keys the memory planner may choose (`auto` lists them). A fact about config keys, so it lives here; the planner and
 # the hosts import it from this module.
 PLANNABLE = ("batch_size", "accumulation_steps", "lora_rank", "resolution", "gradient_checkpointing",
-             "cache_latents", "cache_text_encoder_outputs", "optimizer", "mixed_precision")
+             "cache_latents", "cache_text_encoder_outputs", "optimizer", "mixed_precision", "blocks_to_swap")
 BUCKET_KEYS = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
 
 
@@ -131,6 +131,10 @@ class TrainConfig:
     mixed_precision: str = _f("no", "Compute precision of the frozen model: no (fp32), fp16 (with loss scaling), "
                               "bf16.", choices=PRECISIONS)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (saves memory, ~20-30% slower).")
+    blocks_to_swap: int = _f(0, "Transformer blocks (Flux, SD3.5, Z-Image, Qwen-Image, Chroma, Lumina 2) kept in "
+                             "host memory and streamed to the GPU one block ahead of use, so a model bigger than the "
+                             "card trains; slower by the transfer. Turns gradient checkpointing on. auto: the planner "
+                             "swaps as few as fit.", min=0, max=1000, group="memory")
     min_snr_gamma: float | None = _f(None, "Min-SNR-gamma loss weighting (5 is typical; None: off).", min=0.1,
                                      max=100.0)
     timestep_sampling: str = _f("logit_normal", "Flow models (Flux, SD3.5, Z-Image, Lumina 2, Qwen-Image, Chroma): "
@@ -159,7 +163,7 @@ class TrainConfig:
     logging_dir: str | None = _f(None, "TensorBoard log folder (needs tensorboard installed).", group="output")
     # memory planning
     auto: list[str] = _f(list(("batch_size", "accumulation_steps", "gradient_checkpointing", "cache_latents",  # noqa: RUF009
-                               "cache_text_encoder_outputs")),
+                               "cache_text_encoder_outputs", "blocks_to_swap")),
                          "Settings the memory planner may choose so the run fits the free VRAM. Writing `key: auto` "
                          "adds a key; giving a key a value takes it out. The default changes only how the work is "
                          "done, not what is learned (micro-batch chunks keep batch x accumulation).", group="memory")

@@ -166,7 +166,9 @@ def train(bundle: ModelBundle, batches: BatchMaker, config: TrainConfig, sink: P
         # the CLI gets KeyboardInterrupt): it ends the run like a stop request, keeping the last completed step.
         interrupts = tuple(getattr(sink, "interrupt_errors", ()))
         try:
-            with gradient_checkpointing(bundle.unet, config.gradient_checkpointing), recovery:
+            # Block swap needs checkpointing (blockswap.py); the recovery context starts the swap itself.
+            checkpointing = config.gradient_checkpointing or config.blocks_to_swap > 0
+            with gradient_checkpointing(bundle.unet, checkpointing), recovery:
                 for step in range(start, schedule.total_steps):
                     if sink.should_stop():
                         raise TrainingInterrupted(f"cancelled after {step} steps", step=step)

@@ -104,7 +104,8 @@ def prepare_batches(bundle: ModelBundle, dataset: TrainDataset, config: TrainCon
 
 def encode_then_load_unet(bundle: DiffusersBundle, dataset: TrainDataset, config: TrainConfig, sink: ProgressSink,
                           device: torch.device, cache_dir: Path | None = None, *, cache_batch_size: int = 1,
-                          offload_encoders: bool = True, world: World = SINGLE) -> BatchMaker:
+                          offload_encoders: bool = True, text_on_cpu: bool = False,
+                          world: World = SINGLE) -> BatchMaker:
     """A standalone run on an accelerator: cache with only the encoders on `device`, then bring in the UNet.
 
     The memory plan assumes this order (`RunShape.cache_with_unet_resident` is False): at SDXL 1024 the fp16 UNet
@@ -115,8 +116,9 @@ def encode_then_load_unet(bundle: DiffusersBundle, dataset: TrainDataset, config
         cache_batch_size: images the VAE encodes at once (the plan's `cache_batch_size`).
         offload_encoders: encoders whose outputs are cached stay on the CPU while training (the plan's
             `offload_encoders`); False moves them to `device` with the UNet.
+        text_on_cpu: the text encoders cache on the CPU (the plan's `text_on_cpu`: they do not fit the device).
     """
-    bundle.place(device, vae=config.cache_latents, text_encoders=caches_text(config, dataset))
+    bundle.place(device, vae=config.cache_latents, text_encoders=caches_text(config, dataset) and not text_on_cpu)
     batches = prepare_batches(bundle, dataset, config, sink, cache_dir, cache_batch_size=cache_batch_size,
                               offload_encoders=False, world=world)
     # The loop runs an encoder every step when its outputs are not cached (or a text encoder is trained).
@@ -125,7 +127,8 @@ def encode_then_load_unet(bundle: DiffusersBundle, dataset: TrainDataset, config
     bundle.place("cpu", vae=not vae_on_device, text_encoders=not text_on_device)
     release_memory()  # hand the encoders' blocks back to the driver before the UNet arrives
     sink.status(f"moving the UNet to {device}")
-    bundle.place(device, unet=True, vae=vae_on_device, text_encoders=text_on_device)
+    bundle.place(device, unet=True, vae=vae_on_device, text_encoders=text_on_device,
+                 swapped_blocks=config.blocks_to_swap)
     return batches
 
 
@@ -253,6 +256,7 @@ def _run(config: TrainConfig, sink: ProgressSink, world: World, *, bundle: Model
         batches = encode_then_load_unet(bundle, dataset, config, sink, device, cache_dir,  # type: ignore[arg-type]
                                         cache_batch_size=cache_batch,
                                         offload_encoders=plan.shape.offload_encoders if plan else True,
+                                        text_on_cpu=plan.shape.text_on_cpu if plan else False,
                                         world=world)
     else:
         batches = prepare_batches(bundle, dataset, config, sink, cache_dir=cache_dir, world=world)

@@ -40,10 +40,17 @@ class StandaloneModules:
         out.update({slot.prefix: slot.module for slot in self.text_encoders})
         return out
 
+    engine_block_swap = True  # the engine holds these modules: the OOM ladder and `blocks_to_swap` may stream blocks
+
     def place(self, device: torch.device | str, *, unet: bool = False, vae: bool = False,
-              text_encoders: bool = False) -> None:
-        """Move the chosen modules to `device`, each keeping its dtype (the runner stages encoders and UNet apart)."""
-        chosen = [self.unet] if unet else []
+              text_encoders: bool = False, swapped_blocks: int = 0) -> None:
+        """Move the chosen modules to `device`, each keeping its dtype (the runner stages encoders and UNet apart);
+        the last `swapped_blocks` transformer blocks stay where they are (`BlockSwap` streams them)."""
+        chosen = [self.unet] if unet and not swapped_blocks else []
+        if unet and swapped_blocks:
+            from ..blockswap import place_unswapped
+
+            place_unswapped(self.unet, device, swapped_blocks)
         if vae:
             chosen.append(self.vae)
         if text_encoders:

@@ -68,9 +68,10 @@ def _t5(width: int):  # noqa: ANN202
                                    relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"))
 
 
-def build_tiny_flow_bundle(name: str, seed: int = 0):  # noqa: ANN201 - FlowBundle (imports diffusers lazily)
+def build_tiny_flow_bundle(name: str, seed: int = 0, layers: tuple[int, int] = (1, 1)):  # noqa: ANN201 - FlowBundle
     """`tiny-flux1` (1 double + 1 single block, guidance-distilled like dev) or `tiny-sd3` (2 joint blocks): the real
-    diffusers classes at a size that trains in seconds on a CPU."""
+    diffusers classes at a size that trains in seconds on a CPU. `layers`: Flux's (double, single) block counts (tests
+    of block swapping want more)."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -82,7 +83,8 @@ def build_tiny_flow_bundle(name: str, seed: int = 0):  # noqa: ANN201 - FlowBund
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "tiny-flux1":
-            transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+            transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers[0],
+                                                 num_single_layers=layers[1],
                                                  attention_head_dim=16, num_attention_heads=2,
                                                  joint_attention_dim=_TE_WIDTH, pooled_projection_dim=_TE_WIDTH,
                                                  guidance_embeds=True, axes_dims_rope=(4, 6, 6))

@@ -20,6 +20,22 @@ class ModelPatcher:
     def is_dynamic(self):
         return False
 
+    # Partial loading (lowvram): the stand-in only keeps the books; `partial_loads` records each call.
+    loaded_bytes = None
+    partial_loads: list
+
+    def model_size(self):
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
+    def loaded_size(self):
+        return self.model_size() if self.loaded_bytes is None else self.loaded_bytes
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        before = self.loaded_size()
+        self.loaded_bytes = max(0, min(self.model_size(), before + int(extra_memory)))
+        self.__dict__.setdefault("partial_loads", []).append((device_to, int(extra_memory)))
+        return self.loaded_bytes - before
+
     def clone(self):
         n = self.__class__(self.model, self.load_device, self.offload_device, self.size)
         n.patches = {k: v[:] for k, v in self.patches.items()}

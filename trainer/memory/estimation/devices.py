@@ -41,6 +41,8 @@ class DeviceSpec:
         bandwidth_gbs: memory bandwidth, GB/s.
         bf16: bfloat16 is supported (Ampere and newer).
         kind: `cuda` or `cpu`.
+        host_link_gbs: pinned host→device copy speed, GB/s (what block swap streams at): PCIe 4.0 x16 reaches about
+            24 of its 32 nominal; PCIe 5.0 cards (H100/H200 PCIe, RTX 50) about 48.
     """
 
     name: str
@@ -50,6 +52,7 @@ class DeviceSpec:
     bandwidth_gbs: float
     bf16: bool = True
     kind: str = "cuda"
+    host_link_gbs: float = 24.0
 
     @property
     def launch_seconds(self) -> float:
@@ -61,8 +64,8 @@ class DeviceSpec:
 
 # Vendor datasheet numbers (dense, no sparsity).
 DEVICES: dict[str, DeviceSpec] = {
-    "h200": DeviceSpec("NVIDIA H200", 141, 989, 67, 4800),
-    "h100": DeviceSpec("NVIDIA H100", 80, 989, 67, 3350),
+    "h200": DeviceSpec("NVIDIA H200", 141, 989, 67, 4800, host_link_gbs=48.0),
+    "h100": DeviceSpec("NVIDIA H100", 80, 989, 67, 3350, host_link_gbs=48.0),
     "a100": DeviceSpec("NVIDIA A100", 80, 312, 19.5, 2039),
     "a100-40gb": DeviceSpec("NVIDIA A100 40GB", 40, 312, 19.5, 1555),
     "l40s": DeviceSpec("NVIDIA L40S", 48, 362, 91.6, 864),
@@ -70,7 +73,7 @@ DEVICES: dict[str, DeviceSpec] = {
     "l4": DeviceSpec("NVIDIA L4", 24, 121, 30.3, 300),
     "t4": DeviceSpec("NVIDIA T4", 16, 65, 8.1, 320, bf16=False),
     "v100": DeviceSpec("NVIDIA V100", 16, 125, 15.7, 900, bf16=False),
-    "rtx 5090": DeviceSpec("NVIDIA GeForce RTX 5090", 32, 209, 104.8, 1792),
+    "rtx 5090": DeviceSpec("NVIDIA GeForce RTX 5090", 32, 209, 104.8, 1792, host_link_gbs=48.0),
     "rtx 4090": DeviceSpec("NVIDIA GeForce RTX 4090", 24, 165, 82.6, 1008),
     "rtx 4080": DeviceSpec("NVIDIA GeForce RTX 4080", 16, 97.5, 48.7, 717),
     "rtx 4070 ti": DeviceSpec("NVIDIA GeForce RTX 4070 Ti", 12, 80, 40.1, 504),

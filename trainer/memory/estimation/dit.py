@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
+from ...blockswap import swappable_blocks
 from .architecture import ComponentSizes
 from .profiles import ArchitectureProfile, Quadratic, SideModel, StepModel
 
@@ -44,6 +45,7 @@ class DiTShape:
         block_params: parameters of all blocks together (the matmul FLOPs are 2 per parameter per token).
         text_tokens: tokens of the text context (Flux/Chroma T5: 512; SD3: 77 CLIP + 256 T5; others typical).
         heads: attention heads (the math kernel's N² probabilities).
+        units: the blocks as modules (a double block is one): what block swap streams (`blocks_to_swap` counts these).
     """
 
     width: int
@@ -51,6 +53,7 @@ class DiTShape:
     block_params: int
     text_tokens: int
     heads: int
+    units: int = 0
 
     def tokens(self, latent_area: float) -> float:
         return latent_area / (PATCH * PATCH) + self.text_tokens
@@ -70,17 +73,17 @@ def _sizes(transformer: float, vae: float, encoders: tuple[float, ...], per_rank
 _T5XXL, _CLIP_L, _CLIP_G, _FLUX_VAE = 4.76e9, 1.23e8, 6.95e8, 8.4e7
 _FLUX_PER_RANK = 19 * 2 * 23 * 3072 + 38 * 18 * 3072  # double: qkv 4D, proj 2D, mlp 5D+5D, mod 7D per stream
 FULL_SIZE: dict[str, FullSize] = {
-    "flux1": FullSize(DiTShape(3072, 76, int(11.8e9), 512, 24), _sizes(11.9e9, _FLUX_VAE, (_CLIP_L, _T5XXL),
+    "flux1": FullSize(DiTShape(3072, 76, int(11.8e9), 512, 24, 57), _sizes(11.9e9, _FLUX_VAE, (_CLIP_L, _T5XXL),
                                                                         _FLUX_PER_RANK)),
-    "chroma": FullSize(DiTShape(3072, 76, int(8.8e9), 512, 24), _sizes(8.9e9, _FLUX_VAE, (_T5XXL,),
+    "chroma": FullSize(DiTShape(3072, 76, int(8.8e9), 512, 24, 57), _sizes(8.9e9, _FLUX_VAE, (_T5XXL,),
                                                                        19 * 2 * 16 * 3072 + 38 * 14 * 3072)),
-    "sd3": FullSize(DiTShape(2432, 76, int(8.0e9), 333, 38), _sizes(8.1e9, _FLUX_VAE, (_CLIP_L, _CLIP_G, _T5XXL),
+    "sd3": FullSize(DiTShape(2432, 76, int(8.0e9), 333, 38, 38), _sizes(8.1e9, _FLUX_VAE, (_CLIP_L, _CLIP_G, _T5XXL),
                                                                     38 * 2 * 29 * 2432)),
-    "zimage": FullSize(DiTShape(3840, 30, int(5.9e9), 128, 30), _sizes(6.15e9, _FLUX_VAE, (4.0e9,),
+    "zimage": FullSize(DiTShape(3840, 30, int(5.9e9), 128, 30, 30), _sizes(6.15e9, _FLUX_VAE, (4.0e9,),
                                                                        30 * 15 * 3840)),
-    "lumina2": FullSize(DiTShape(2304, 26, int(2.5e9), 256, 24), _sizes(2.6e9, _FLUX_VAE, (2.6e9,),
+    "lumina2": FullSize(DiTShape(2304, 26, int(2.5e9), 256, 24, 26), _sizes(2.6e9, _FLUX_VAE, (2.6e9,),
                                                                         26 * 15 * 2304)),
-    "qwen-image": FullSize(DiTShape(3072, 120, int(20.2e9), 256, 24), _sizes(20.4e9, 1.27e8, (8.3e9,),
+    "qwen-image": FullSize(DiTShape(3072, 120, int(20.2e9), 256, 24, 60), _sizes(20.4e9, 1.27e8, (8.3e9,),
                                                                             60 * 2 * 17 * 3072)),
 }
 FULL_SIZE["flux1-schnell"] = FULL_SIZE["flux1"]
@@ -144,8 +147,10 @@ def live_dit(name: str, transformer: nn.Module, targets: list[str]) -> FullSize:
     full = FULL_SIZE.get(name)
     if full is not None and abs(total - full.sizes.unet) < 0.05 * full.sizes.unet:
         return FullSize(full.shape, replace(full.sizes, unet=total, unet_linear_per_rank=per_rank))
+
     block_params = sum(m.weight.numel() for m in linears)  # type: ignore[union-attr]
     text_tokens = full.shape.text_tokens if full is not None else 256
+    units = len(swappable_blocks(transformer))
     shape = DiTShape(width, max(1, round(block_params / (12 * width * width))), block_params, text_tokens,
-                     max(1, width // 128))
+                     max(1, width // 128), units)
     return FullSize(shape, ComponentSizes(total, 0, (), per_rank, 0, 0))

@@ -32,7 +32,7 @@ from ...families import Family, get_family
 from ...units import GIB
 from .architecture import ComponentSizes, family_sizes
 from .devices import COMPUTE_EFFICIENCY, MEMORY_EFFICIENCY, DeviceSpec
-from .dit import FULL_SIZE, dit_profile, live_dit
+from .dit import FULL_SIZE, FullSize, dit_profile, live_dit
 from .profiles import ArchitectureProfile, family_profile
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class RunShape:
         cache_latents: latents encoded once (else the VAE runs every step).
         cache_text: text conditioning encoded once (else the text encoders run every step).
         offload_encoders: move the encoders a cache makes idle off the device (standalone runs).
+        text_on_cpu: the text encoders cache their outputs on the CPU, never entering the device (T5-XXL alone is
+            9.5 GB in bf16: more than an 8 GB card holds).
         optimizer, mixed_precision: as in the config.
         attention: `flash` (PyTorch's fused kernels) or `math`.
         sample_prompts: prompts sampled during training (0: none); at `sample_resolution`.
@@ -71,6 +73,8 @@ class RunShape:
         cache_batch_size: images the VAE encodes at once while caching (`LatentCache.prepare(batch_size=…)`).
         weight_bytes: bytes per frozen denoiser weight when the host fixed them (ComfyUI's fp8 models: 1); None:
             by precision (2 in fp16/bf16, 4 in fp32).
+        blocks_to_swap: transformer blocks streamed from host memory (blockswap.py): two of them are on the device
+            at a time; each costs two transfers per chunk (forward and the recompute in backward).
     """
 
     family: str
@@ -86,6 +90,7 @@ class RunShape:
     cache_latents: bool = True
     cache_text: bool = True
     offload_encoders: bool = True
+    text_on_cpu: bool = False
     optimizer: str = "adamw"
     mixed_precision: str = "bf16"
     attention: str = "flash"
@@ -96,6 +101,7 @@ class RunShape:
     cache_with_unet_resident: bool = False
     cache_batch_size: int = 1
     weight_bytes: float | None = None
+    blocks_to_swap: int = 0
 
     @property
     def chunk(self) -> int:
@@ -119,7 +125,7 @@ class RunShape:
             "cache_text": config.cache_text_encoder_outputs and config.can_cache_text(),
             "optimizer": config.optimizer, "mixed_precision": config.mixed_precision,
             "sample_prompts": len(config.sample_prompts) if config.sample_every_n_steps else 0,
-            "sample_resolution": res,
+            "sample_resolution": res, "blocks_to_swap": config.blocks_to_swap,
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
@@ -165,14 +171,23 @@ class ModelInfo:
     sizes: ComponentSizes
     profile: ArchitectureProfile
     _cache: dict = field(default_factory=dict, repr=False)
+    swap_blocks: int = 0  # transformer blocks block swap can stream (0: none, the SD UNets)
+    swap_block_params: int = 0  # their parameters together
+
+    @classmethod
+    def for_dit(cls, family: Family, full: FullSize) -> ModelInfo:
+        return cls(family, full.sizes, dit_profile(family.name, full.shape), swap_blocks=full.shape.units,
+                   swap_block_params=full.shape.block_params if full.shape.units else 0)
 
     @classmethod
     def for_family(cls, family: str) -> ModelInfo:
         fam = get_family(family)
         if fam.is_flow:  # DiTs: closed-form step model of the released architecture (dit.py)
-            full = FULL_SIZE[fam.name]
-            return cls(fam, full.sizes, dit_profile(fam.name, full.shape))
+            return cls.for_dit(fam, FULL_SIZE[fam.name])
         return cls(fam, family_sizes(fam.name), family_profile(fam.name))
+
+    def swap_bytes_per_block(self, weight_bytes: float) -> float:
+        return self.swap_block_params * weight_bytes / self.swap_blocks if self.swap_blocks else 0.0
 
     @classmethod
     def for_bundle(cls, bundle: object, family: str | None = None) -> ModelInfo:
@@ -185,7 +200,7 @@ class ModelInfo:
         fam = get_family(family or bundle.family.name)  # type: ignore[attr-defined]
         if fam.is_flow:  # a host's DiT, counted from its own modules (any size)
             live = live_dit(fam.name, bundle.unet, list(bundle.unet_targets(False)))  # type: ignore[attr-defined]
-            return cls(fam, live.sizes, dit_profile(fam.name, live.shape))
+            return cls.for_dit(fam, live)
         if not isinstance(bundle, DiffusersBundle):
             return cls.for_family(fam.name)
         sizes = component_sizes(bundle.unet, bundle.vae, [s.module for s in bundle.text_encoders])
@@ -214,7 +229,11 @@ def estimate_memory(info: ModelInfo, shape: RunShape, device: DeviceSpec) -> Mem
     vae_weights = sizes.vae * 4
     te_off = shape.cache_text and shape.offload_encoders and not shape.train_text_encoder
     vae_off = shape.cache_latents and shape.offload_encoders
-    resident = {"weights_unet": int(sizes.unet * (shape.weight_bytes or weight_bytes)),
+    unet_bytes = sizes.unet * (shape.weight_bytes or weight_bytes)
+    swapped = min(shape.blocks_to_swap, info.swap_blocks)
+    if swapped:  # all but the two in flight stay in host memory
+        unet_bytes -= (swapped - min(swapped, 2)) * info.swap_bytes_per_block(shape.weight_bytes or weight_bytes)
+    resident = {"weights_unet": int(unet_bytes),
                 "weights_text_encoders": 0 if te_off else te_weights,
                 "weights_vae": 0 if vae_off else vae_weights}
     if shape.weights_resident:
@@ -240,7 +259,8 @@ def estimate_memory(info: ModelInfo, shape: RunShape, device: DeviceSpec) -> Mem
         # Caching runs before training, `cache_batch_size` images at a time, with the encoders on the device and the
         # UNet too unless the runner caches before moving it there.
         unet = sizes.unet * weight_bytes if shape.cache_with_unet_resident else 0
-        encoders = (vae_weights if shape.cache_latents else 0) + (te_weights if shape.cache_text else 0)
+        encoders = (vae_weights if shape.cache_latents else 0) + \
+            (te_weights if shape.cache_text and not shape.text_on_cpu else 0)
         transient = encode.peak(shape.cache_batch_size, w * h) if shape.cache_latents else 0
         phases["cache"] = (0 if shape.weights_resident else unet + encoders) + int(transient)
     if not shape.cache_latents:
@@ -286,10 +306,13 @@ def estimate_time(info: ModelInfo, shape: RunShape, device: DeviceSpec, *, calib
     area_ratio = (shape.mean_area or w * h) / (w * h)
     flops, traffic = figures.flops / chunk * area_ratio, figures.traffic / chunk * area_ratio
 
+    transfer = swap_seconds(info, shape, device, precision)
+
     def chunk_seconds(n: int) -> float:
         compute = n * flops / (device.tflops(precision == "half") * 1e12 * COMPUTE_EFFICIENCY)
         memory = n * traffic / (device.bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY)
-        return max(compute, memory) + figures.ops * device.launch_seconds
+        # Swapped blocks arrive on a side stream while the previous block computes: the slower of the two wins.
+        return max(compute, memory, transfer) + figures.ops * device.launch_seconds
 
     full, rest = divmod(shape.batch_size, chunk)
     micro = full * chunk_seconds(chunk) + (chunk_seconds(rest) if rest else 0.0)
@@ -300,6 +323,16 @@ def estimate_time(info: ModelInfo, shape: RunShape, device: DeviceSpec, *, calib
         seconds *= 1.3
     name = basis or f"throughput model for {device.name}"
     return TimeEstimate(seconds * calibration, name, calibration)
+
+
+def swap_seconds(info: ModelInfo, shape: RunShape, device: DeviceSpec, precision: str) -> float:
+    """Host→device transfer time of one chunk's swapped blocks: each is loaded for the forward and again for its
+    recompute in backward (the last one stays between them)."""
+    swapped = min(shape.blocks_to_swap, info.swap_blocks)
+    if not swapped or device.kind != "cuda":
+        return 0.0
+    per_block = info.swap_bytes_per_block(shape.weight_bytes or (2 if precision == "half" else 4))
+    return (2 * swapped - 1) * per_block / (device.host_link_gbs * 1e9)
 
 
 def with_shape(shape: RunShape, **changes: object) -> RunShape:

@@ -32,7 +32,9 @@ CHANGE_PENALTY = 0.01
 SHAPE_KEYS = {"batch_size": "batch_size", "accumulation_steps": "accumulation_steps", "chunk_size": "chunk_size",
               "gradient_checkpointing": "gradient_checkpointing", "cache_latents": "cache_latents",
               "cache_text": "cache_text_encoder_outputs", "optimizer": "optimizer",
-              "mixed_precision": "mixed_precision", "lora_rank": "lora_rank", "offload_encoders": "offload_encoders"}
+              "mixed_precision": "mixed_precision", "lora_rank": "lora_rank", "offload_encoders": "offload_encoders",
+              "blocks_to_swap": "blocks_to_swap"}
+SWAP_STEPS = 16  # block-swap candidates the search tries (0, then up to every block in this many steps)
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ class Plan:
                        lora_rank=s.lora_rank, resolution=self.resolution, **self._bucket_limits(config),
                        gradient_checkpointing=s.gradient_checkpointing, cache_latents=s.cache_latents,
                        cache_text_encoder_outputs=cache_text, optimizer=s.optimizer,
-                       mixed_precision=s.mixed_precision).validate()
+                       mixed_precision=s.mixed_precision, blocks_to_swap=s.blocks_to_swap).validate()
 
     def _bucket_limits(self, config: TrainConfig) -> dict[str, int | None]:
         """Bucket limits for the plan's resolution. Unset ones are derived from it anyway; the user's are kept unless
@@ -152,7 +154,9 @@ class Plan:
                    f"{f' (chunks of {self.chunk_size})' if self.chunk_size else ''}, rank {s.lora_rank}, "
                    f"resolution {self.resolution}, gradient_checkpointing {s.gradient_checkpointing}, "
                    f"cache_latents {s.cache_latents}, cache_text_encoder_outputs {s.cache_text}, "
-                   f"optimizer {s.optimizer}, mixed_precision {s.mixed_precision}")
+                   f"optimizer {s.optimizer}, mixed_precision {s.mixed_precision}"
+                   f"{f', blocks_to_swap {s.blocks_to_swap}' if s.blocks_to_swap else ''}"
+                   f"{', text encoders cache on the CPU' if s.text_on_cpu else ''}")
         out += [f"changed:           {c}" for c in self.changes] or ["changed:           nothing"]
         if self.advice:
             out.append(f"advice:            {self.advice}")
@@ -170,8 +174,10 @@ class Plan:
                              "chunk_size": self.chunk_size, "lora_rank": s.lora_rank, "resolution": self.resolution,
                              "gradient_checkpointing": s.gradient_checkpointing, "cache_latents": s.cache_latents,
                              "cache_text_encoder_outputs": s.cache_text, "offload_encoders": s.offload_encoders,
+                             "text_on_cpu": s.text_on_cpu,
                              "cache_batch_size": s.cache_batch_size,
-                             "optimizer": s.optimizer, "mixed_precision": s.mixed_precision},
+                             "optimizer": s.optimizer, "mixed_precision": s.mixed_precision,
+                             "blocks_to_swap": s.blocks_to_swap},
                 "changes": [{"key": c.key, "old": c.old, "new": c.new, "reason": c.reason} for c in self.changes],
                 "advice": self.advice}
 
@@ -251,6 +257,11 @@ def _speed_options(config: TrainConfig, request: PlanRequest) -> dict[str, list]
         optimizers = [o for o in ("adamw", "adamw8bit") if o in usable] or [config.optimizer]
     can_cache_latents = not config.random_crop
     can_cache_text = _text_cacheable(config, request.dataset)
+    swaps = [config.blocks_to_swap]
+    units = request.info.swap_blocks
+    if "blocks_to_swap" in auto and units:
+        step = max(1, math.ceil(units / SWAP_STEPS))
+        swaps = sorted({0, *range(step, units, step), units})
     return {
         "batch_size": batches,
         "gradient_checkpointing": [False, True] if "gradient_checkpointing" in auto else
@@ -261,6 +272,9 @@ def _speed_options(config: TrainConfig, request: PlanRequest) -> dict[str, list]
         [config.cache_text_encoder_outputs and can_cache_text],
         "optimizer": optimizers,
         "mixed_precision": precisions,
+        "blocks_to_swap": swaps,
+        # A run-time lever without a config key: where caching is possible, the text encoders may cache on the CPU.
+        "text_on_cpu": [False, True] if can_cache_text and device.kind == "cuda" else [False],
     }
 
 
@@ -314,6 +328,10 @@ def _shapes(base: RunShape, options: dict[str, list], effective: int) -> list[Ru
     keys = list(options)
     for values in product(*(options[k] for k in keys)):
         chosen = dict(zip(keys, values, strict=True))
+        if chosen["text_on_cpu"] and not chosen["cache_text"]:
+            continue
+        if chosen["blocks_to_swap"] and not chosen["gradient_checkpointing"]:
+            continue  # swapping saves nothing without checkpointing (blockswap.py)
         batch = chosen["batch_size"]
         for chunk in divisors(batch):
             shapes.append(replace(base, **chosen, accumulation_steps=max(1, effective // batch),  # type: ignore[arg-type]
@@ -381,6 +399,7 @@ def _reason(key: str, old: object, new: object, undone: _Scored, chosen: _Scored
         "optimizer": "8-bit optimizer state",
         "mixed_precision": "half-precision weights and tensor cores",
         "lora_rank": "smaller adapter",
+        "blocks_to_swap": f"{new} transformer blocks stream from host memory beside the compute",
         "resolution": "smaller images",
     }.get(key, "")
     peak_old = undone.memory.peak / GIB

@@ -29,6 +29,7 @@ class TierRow:
     peak_gb: float
     seconds_per_step: float
     levers: tuple[str, ...]  # what the plan changed or relies on (gradient checkpointing, 8-bit AdamW …)
+    swapped: int = 0  # transformer blocks streamed from host memory
 
 
 def tier_table(config: TrainConfig, info: ModelInfo, device: DeviceSpec, tiers: tuple[int, ...] = TIERS_GB,
@@ -44,9 +45,12 @@ def tier_table(config: TrainConfig, info: ModelInfo, device: DeviceSpec, tiers: 
             s = plan.shape
             levers = [name for name, on in (("checkpointing", s.gradient_checkpointing),
                                             (f"{s.optimizer}", s.optimizer != "adamw"),
-                                            (f"chunks of {s.chunk}", s.chunk < s.batch_size)) if on]
+                                            (f"chunks of {s.chunk}", s.chunk < s.batch_size),
+                                            (f"{s.blocks_to_swap} of {info.swap_blocks} blocks swapped",
+                                             s.blocks_to_swap > 0),
+                                            ("text encoded on the CPU", s.text_on_cpu)) if on]
             rows.append(TierRow(gb, form, plan.fits, round(plan.memory.peak / GIB, 2),
-                                round(plan.time.seconds_per_step, 2), tuple(levers)))
+                                round(plan.time.seconds_per_step, 2), tuple(levers), s.blocks_to_swap))
     return rows
 
 

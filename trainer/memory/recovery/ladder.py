@@ -7,9 +7,11 @@ The ladder, cheapest first, keeps the effective batch throughout:
    halves until 1.
 2. `gradient_checkpointing`: recompute block activations in backward.
 3. `cache`: cache latents and text outputs (encode one image at a time) and move idle encoders off the device.
-4. `optimizer`: AdamW → AdamW8bit, when bitsandbytes is installed.
-5. `bucket`: cap the latent area (×0.75 per rung, down to half the original), shrinking larger buckets' latents.
-6. `rank`: halve the LoRA rank (truncated SVD of each adapter's update), down to 4.
+4. `optimizer`: AdamW → AdamW8bit (bitsandbytes, or our pure-torch one when it is absent).
+5. `swap`: stream more transformer blocks from host memory (DiTs the engine holds: the command line), a quarter of
+   the blocks more per rung; slower, same maths.
+6. `bucket`: cap the latent area (×0.75 per rung, down to half the original), shrinking larger buckets' latents.
+7. `rank`: halve the LoRA rank (truncated SVD of each adapter's update), down to 4.
 
 Then it gives up with `OutOfMemoryGiveUp`, naming what was tried and what would fit. Every change is logged and
 appended to `RunInfo.changes` (written into the LoRA as `loraloop_changes`).
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ...blockswap import BlockSwap, swappable_blocks
 from ...checkpointing import gradient_checkpointing
 from ...errors import LoraLoopError
 from ...network import MIN_RANK
@@ -47,10 +50,11 @@ OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 log = logging.getLogger(__name__)
 
-LADDER = ("chunk", "gradient_checkpointing", "cache", "optimizer", "bucket", "rank")
+LADDER = ("chunk", "gradient_checkpointing", "cache", "optimizer", "swap", "bucket", "rank")
 # With several processes only one rank may run out of memory: it may change how it computes, never what (a changed
 # optimizer, bucket or rank on one rank alone would make the ranks' adapters diverge).
-PER_RANK_LADDER = ("chunk", "gradient_checkpointing", "cache")
+PER_RANK_LADDER = ("chunk", "gradient_checkpointing", "cache", "swap")
+SWAP_SHARE = 0.25  # the swap rung streams this share of the blocks more each time
 BUCKET_FACTOR = 0.75
 BUCKET_FLOOR = 0.5  # never below half the original largest latent area
 # Retries of one step: every rung of the ladder, each possibly several times (chunk halvings, bucket and rank steps).
@@ -122,7 +126,8 @@ class OomRecovery:
         self.rank: int = config.lora_rank  # the adapters' (largest) rank once the ladder touched it
         self.lowered_rank: int | None = None  # set when the ladder lowered the rank (metadata must say so)
         self._stack = contextlib.ExitStack()
-        self._checkpointing = bool(config.gradient_checkpointing)
+        self._checkpointing = bool(config.gradient_checkpointing or getattr(config, "blocks_to_swap", 0))
+        self._swap: BlockSwap | None = None
         self._original_area: int | None = None
         self._cap: int | None = None
         self._undo_cap: Callable[[], None] | None = None
@@ -130,6 +135,12 @@ class OomRecovery:
 
     # -- context: everything the ladder changed on shared objects is undone on exit ----------------------------------
     def __enter__(self) -> OomRecovery:
+        count = getattr(self.config, "blocks_to_swap", 0)
+        if count and self._can_swap():
+            self._swap_blocks(count)
+        elif count:
+            log.info("blocks_to_swap %d ignored: %s", count, "the host places this model's weights itself"
+                     if not getattr(self.bundle, "engine_block_swap", False) else "the model has no transformer blocks")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -139,7 +150,20 @@ class OomRecovery:
         if self._undo_cap is not None:
             self._undo_cap()
             self._undo_cap = None
+        if self._swap is not None:
+            self._swap.__exit__(None, None, None)
+            self._swap = None
         self._stack.close()
+
+    # -- block swap ---------------------------------------------------------------------------------------------------
+    def _can_swap(self) -> bool:
+        """The engine swaps blocks of models it holds itself (standalone bundles); a host places its own weights."""
+        return bool(getattr(self.bundle, "engine_block_swap", False)) and bool(swappable_blocks(self.bundle.unet))
+
+    def _swap_blocks(self, count: int) -> None:
+        if self._swap is not None:
+            self._swap.__exit__(None, None, None)
+        self._swap = BlockSwap(self.bundle.unet, count, self.bundle.device).__enter__()
 
     # -- the ladder -----------------------------------------------------------------------------------------------
     def on_oom(self, step: int, cause: str, *, optimizer: torch.optim.Optimizer | None = None,
@@ -236,6 +260,19 @@ class OomRecovery:
         self.optimizer = swap_optimizer(optimizer, "adamw8bit")
         self._set(optimizer="adamw8bit")
         return Adjustment("optimizer", "optimizer", "adamw", "adamw8bit (state restarted)", step, cause)
+
+    def _rung_swap(self, step: int, cause: str, *_: Any) -> Adjustment | None:
+        if not self._checkpointing or not self._can_swap():
+            return None
+        total = len(swappable_blocks(self.bundle.unet))
+        old = self._swap.count if self._swap is not None else 0
+        if old >= total:
+            return None
+        new = min(total, old + max(1, math.ceil(total * SWAP_SHARE)))
+        self._swap_blocks(new)
+        self._set(blocks_to_swap=new)
+        return Adjustment("swap", "blocks_to_swap", old, new, step,
+                          f"{cause}; {new} of {total} blocks stream from host memory (slower, same maths)")
 
     def _rung_bucket(self, step: int, cause: str, *_: Any) -> Adjustment | None:
         if self._original_area is None:
