@@ -155,3 +155,29 @@ def test_the_oom_ladder_swaps_more_blocks_and_redoes_the_step(demo_dataset):
     assert result.losses == reference.losses and result.steps == 3
     assert result.config.blocks_to_swap == 4
     assert not any(m._forward_pre_hooks for m in inner.unet.modules())
+
+
+@pytest.mark.parametrize(("model_swap", "fp8_swap", "expected"), [
+    (0, 0, "model"),  # fits as loaded without streaming: keep the model's dtype
+    (30, 10, "fp8"),  # fp8 streams fewer blocks: faster
+    (30, 30, "model"),
+    (None, 5, "fp8"),  # does not fit as loaded
+    (None, None, "model"),  # nothing fits: the plan as loaded says what would
+])
+def test_base_weight_dtype_auto_takes_fp8_when_it_streams_fewer_blocks(monkeypatch, model_swap, fp8_swap, expected):
+    from types import SimpleNamespace
+
+    from loraloop.trainer import runner
+    from loraloop.trainer.config import TrainConfig
+    from loraloop.trainer.errors import ConfigError
+
+    def fake_plan(config, dataset, bundle, sink):
+        swap = model_swap if config.base_weight_dtype == "model" else fp8_swap
+        if swap is None:
+            raise ConfigError("does not fit", key="auto")
+        return SimpleNamespace(shape=SimpleNamespace(blocks_to_swap=swap))
+
+    monkeypatch.setattr(runner, "plan_memory", fake_plan)
+    config = TrainConfig(base_weight_dtype="auto")
+    assert runner.choose_weight_dtype(config, None, None).base_weight_dtype == expected
+    assert runner.choose_weight_dtype(TrainConfig(base_weight_dtype="fp8"), None, None).base_weight_dtype == "fp8"

@@ -52,9 +52,10 @@ class TrainConfig:
                                      "fine-tune): that family's diffusers folder, which supplies the text encoders, "
                                      "their tokenizers and the VAE.", group="model")
     base_weight_dtype: str = _f("model", "Storage of the frozen base weights: model (as loaded / as the host holds "
-                                "them) or fp8 (the denoiser's adapted Linears stored as float8_e4m3fn and computed in "
-                                "the training precision per layer: half the memory of bf16; command line only, "
-                                "hosts keep their own dtype).", choices=("model", "fp8"), group="model")
+                                "them), fp8 (the denoiser's adapted Linears stored as float8_e4m3fn and computed in "
+                                "the training precision per layer: half the memory of bf16) or auto (fp8 when the "
+                                "memory plan then streams fewer blocks or fits where model does not); command line "
+                                "only, hosts keep their own dtype.", choices=("model", "fp8", "auto"), group="model")
     family: str | None = _f(None, "Model family when it cannot be detected: sd1, sd2, sd2-v, sdxl, flux1, sd3, ….",
                             choices=(None, "sd1", "sd2", "sd2-v", "sdxl", "flux1", "flux1-schnell", "chroma", "sd3",
                                      "zimage", "lumina2", "qwen-image"), group="model")

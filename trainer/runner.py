@@ -164,6 +164,34 @@ def write_outputs(result: TrainResult, config: TrainConfig, folder: Path, name: 
     return {"lora": lora, "config": cfg, "loss_plot": plot}
 
 
+def choose_weight_dtype(config: TrainConfig, dataset: TrainDataset, bundle: ModelBundle | None) -> TrainConfig:
+    """`base_weight_dtype: auto` resolved: fp8 when the plan with the model's own dtype does not fit, or streams
+    blocks that fp8 weights would keep on the device (fewer transfers: faster); else the model's dtype. Without an
+    accelerator (no plan) the weights stay as loaded."""
+    if config.base_weight_dtype != "auto":
+        return config
+    silent = NullSink()
+    as_loaded = replace(config, base_weight_dtype="model")
+    try:
+        model = plan_memory(as_loaded, dataset, bundle, silent)
+    except ConfigError:
+        model = None  # does not fit as loaded
+    else:
+        if model is None or model.shape.blocks_to_swap == 0:
+            return as_loaded
+    fp8 = replace(config, base_weight_dtype="fp8")
+    try:
+        small = plan_memory(fp8, dataset, bundle, silent)
+    except ConfigError:
+        return as_loaded  # nothing fits either way: the plan as loaded says what would
+    if model is None or (small is not None and small.shape.blocks_to_swap < model.shape.blocks_to_swap):
+        streamed = small.shape.blocks_to_swap if small else 0
+        log.info("base_weight_dtype auto → fp8 (%s)", "the model's dtype does not fit" if model is None else
+                 f"{streamed} blocks streamed instead of {model.shape.blocks_to_swap}")
+        return fp8
+    return as_loaded
+
+
 def plan_memory(config: TrainConfig, dataset: TrainDataset, bundle: ModelBundle | None,
                 sink: ProgressSink) -> Plan | None:
     """The memory plan for an accelerator run (or for `vram_budget_gb`); None on a CPU without a budget.
@@ -227,6 +255,7 @@ def _run(config: TrainConfig, sink: ProgressSink, world: World, *, bundle: Model
     if world.distributed:
         sink.status(f"{world.size} processes: {config.batch_size} samples each per micro-batch, "
                     f"{config.batch_size * world.size * config.accumulation_steps} per optimizer step")
+    config = choose_weight_dtype(config, dataset, bundle)
     plan = plan_memory(config, dataset, bundle, sink)  # per process: batch_size is per GPU
     if plan is not None:
         config, dataset = apply_plan(plan, config, dataset)
