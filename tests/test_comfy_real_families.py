@@ -276,3 +276,42 @@ def test_flux_trains_on_fp8_weights_as_comfyui_holds_them(comfy):
         assert p is snap[name][0] and p.dtype == snap[name][1].dtype and torch.equal(p.view(torch.uint8),
                                                                                     snap[name][1].view(torch.uint8))
     RESULTS.setdefault("flux1-fp8", {}).update(loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
+
+
+def test_flux_trains_through_comfyuis_partial_loading(comfy):
+    """When the plan streams blocks, TrainLoRA loads the MODEL through ComfyUI's own partial (lowvram) loading
+    (nodes/training.py `keep_weights_on_device`): the layers left out run ComfyUI's cast-per-call ops. Training through
+    them, with the checkpointing block swap needs, gives the fully loaded run's first loss exactly and overfits; the
+    weights are bit-identical after, and ComfyUI unloads the model as usual."""
+    import comfy.model_management as mm
+
+    from loraloop.nodes.bundle import ComfyBundle
+    from loraloop.nodes.training import keep_weights_on_device
+    from loraloop.trainer.checkpointing import gradient_checkpointing
+    from loraloop.trainer.network import Network, NetworkSpec
+
+    case = next(c for c in CASES if c.family == "flux1")
+    batch = _inputs(case)
+    runs = []
+    for partial in (False, True):
+        patcher = _build(comfy, case)
+        unet = patcher.model.diffusion_model
+        snap = _snapshot(unet)
+        mm.load_models_gpu([patcher])
+        if partial:
+            keep_weights_on_device(patcher, patcher.model_size() // 3)
+            cast = [m for m in unet.modules() if getattr(m, "comfy_cast_weights", False)]
+            assert cast, "nothing was left to ComfyUI's per-call casting"
+        bundle = ComfyBundle(patcher, None, None)
+        torch.manual_seed(SEED)
+        with torch.inference_mode(False), bundle.trainable(), gradient_checkpointing(bundle.unet), \
+                Network(bundle, NetworkSpec(rank=4, alpha=4)) as net:
+            runs.append(_overfit(bundle, net, batch))
+        for name, p in unet.named_parameters():
+            assert torch.equal(p, snap[name][1]), f"{name} changed"
+        mm.unload_all_models()
+    full, partial = runs
+    assert partial[0] == full[0]
+    assert partial[-1] < 0.7 * partial[0], (partial[0], partial[-1])
+    RESULTS.setdefault("flux1-partial-load", {}).update(loss_first=round(partial[0], 4),
+                                                        loss_last=round(partial[-1], 4))
