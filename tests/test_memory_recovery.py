@@ -119,7 +119,7 @@ class TestLadder:
         _, reference_order = baseline(tiny_sd1, config, monkeypatch)
         result, order, recovery = run(tiny_sd1, config, monkeypatch, {1: 0.3 * 64})
         rungs = [a.rung for a in recovery.adjustments]
-        assert rungs == ["chunk", "gradient_checkpointing", "cache", "bucket"]
+        assert rungs == ["chunk", "gradient_checkpointing", "cache", "optimizer", "bucket"]  # 8-bit AdamW: always there
         assert recovery.batches.latent_cache is not None
         assert order == reference_order
         assert result.steps == 4
@@ -130,7 +130,7 @@ class TestLadder:
         with pytest.raises(OutOfMemoryGiveUp) as caught:
             run(tiny_sd1, config, monkeypatch, {0: 1.0})
         rungs = [t.split(" → ")[1].split(" ")[0] for t in caught.value.tried]
-        assert rungs == ["chunk_size", "gradient_checkpointing", "max", "max", "max", "lora_rank"]
+        assert rungs == ["chunk_size", "gradient_checkpointing", "optimizer", "max", "max", "max", "lora_rank"]
         assert "out of memory at step 1" in str(caught.value) and "What would fit" in str(caught.value)
 
     def test_rank_is_lowered_in_place_and_training_goes_on(self, tiny_sd1, demo_dataset, monkeypatch):
@@ -261,23 +261,33 @@ class TestEightBitOptimizer:
         assert result.losses[:2] == reference.losses[:2]  # identical until the switch
         changes = json.loads(result.metadata["loraloop_changes"])
         assert changes[-1].startswith("step 3: out of memory") and \
-            changes[-1].endswith("optimizer adamw → adamw8bit (state restarted)")
+            changes[-1].endswith("optimizer adamw → adamw8bit (bitsandbytes; state restarted)")
         assert result.metadata["ss_optimizer"] == "adamw8bit"
         assert result.config.optimizer == "adamw8bit" and result.config.gradient_checkpointing
         assert result.train_state.config["optimizer"] == "adamw8bit"
         params = {id(p) for g in fake.built[0].param_groups for p in g["params"]}
         assert len(result.train_state.optimizer["state"]) == len(params)  # the saved state is the 8-bit one's
 
-    def test_without_bitsandbytes_the_rung_is_skipped_with_a_log_line(self, tiny_sd1, demo_dataset, monkeypatch,
-                                                                      caplog):
-        """bitsandbytes absent: no crash at that rung; the ladder logs the skip and goes on to smaller buckets."""
+    def test_without_bitsandbytes_the_rung_uses_the_torch_adamw8bit(self, tiny_sd1, demo_dataset, monkeypatch):
+        """bitsandbytes absent: the rung still switches, to the pure-torch AdamW8bit, and the run finishes."""
         import sys
+        import types
+
+        from loraloop.trainer import optim
+        from loraloop.trainer.optim8bit import AdamW8bit
 
         monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails, find_spec says absent
-        config = make_config(demo_dataset, batch_size=1, max_train_steps=2)
-        fake = FakeBitsAndBytes()  # never installed: the memory never fits
-        logger = "loraloop.trainer.memory.recovery.ladder"
-        with caplog.at_level("INFO", logger=logger), pytest.raises(OutOfMemoryGiveUp):
-            run_optimizer_bound(tiny_sd1, config, monkeypatch, fake, oom_from_step=0)
-        assert "OOM ladder: 8-bit optimizer skipped (bitsandbytes is not installed)" in caplog.messages
-        assert not any("adamw8bit" in m for m in caplog.messages if m.startswith("out of memory"))
+        built: list[torch.optim.Optimizer] = []
+
+        class Recorded(AdamW8bit):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                built.append(self)
+
+        monkeypatch.setattr(optim, "AdamW8bit", Recorded)
+        config = make_config(demo_dataset, batch_size=1, max_train_steps=4)
+        result, _, recovery = run_optimizer_bound(tiny_sd1, config, monkeypatch, types.SimpleNamespace(built=built),
+                                                  oom_from_step=2)
+        assert [a.rung for a in recovery.adjustments] == ["gradient_checkpointing", "optimizer"]
+        assert len(built) == 1 and recovery.optimizer is built[0]
+        assert result.steps == 4 and result.config.optimizer == "adamw8bit"

@@ -125,8 +125,8 @@ class TrainConfig:
     lr_scheduler: str = _f("cosine", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
     lr_warmup_steps: int = _f(0, "Linear warmup steps.", min=0, max=10_000_000)
     lr_num_cycles: int = _f(1, "Restarts of cosine_with_restarts.", min=1, max=1000)
-    optimizer: str = _f("adamw", "adamw; adamw8bit (bitsandbytes), prodigy (prodigyopt), lion (lion-pytorch).",
-                        choices=OPTIMIZERS)
+    optimizer: str = _f("adamw", "adamw; adamw8bit (8-bit state: bitsandbytes when installed, else LoRA Loop's "
+                        "pure-torch one), prodigy (prodigyopt), lion (lion-pytorch).", choices=OPTIMIZERS)
     weight_decay: float = _f(0.01, "AdamW/Lion weight decay.", min=0.0, max=1.0)
     max_grad_norm: float | None = _f(1.0, "Clip the gradient norm (None/0: off).", min=0.0, max=1e6)
     mixed_precision: str = _f("no", "Compute precision of the frozen model: no (fp32), fp16 (with loss scaling), "

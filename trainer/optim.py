@@ -1,15 +1,26 @@
-"""Optimizer registry: a literal dict; optional packages are imported only when chosen, with an install hint."""
+"""Optimizer registry: a literal dict; optional packages are imported only when chosen, with an install hint.
+
+`adamw8bit` is bitsandbytes' AdamW8bit when that package is installed, else our pure-torch `optim8bit.AdamW8bit`
+(CPU, Mac, AMD, Windows without bitsandbytes), so it is always available; `eight_bit_backend()` says which one.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import torch
 
 from .errors import ConfigError, MissingDependencyError
+from .optim8bit import AdamW8bit
+
+log = logging.getLogger(__name__)
 
 ParamGroups = list[dict]
+EightBitBackend = Literal["bitsandbytes", "torch"]
+_announced: set[str] = set()  # the 8-bit backends already named in the log (once per process each)
 
 
 def _adamw(groups: ParamGroups, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -18,8 +29,30 @@ def _adamw(groups: ParamGroups, lr: float, weight_decay: float) -> torch.optim.O
 
 
 def _adamw8bit(groups: ParamGroups, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    bnb = _require("bitsandbytes", "bitsandbytes", "adamw8bit")
-    return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay)
+    if eight_bit_backend() == "bitsandbytes":
+        try:
+            bnb = importlib.import_module("bitsandbytes")
+        except Exception as err:
+            # A broken install of an optional extra (wrong CUDA build, missing native library) should not end the
+            # run: the torch implementation trains the same way.
+            log.warning("bitsandbytes is installed but does not import (%s); using the torch 8-bit AdamW", err)
+        else:
+            _announce("bitsandbytes")
+            return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay)
+    _announce("torch")
+    return AdamW8bit(groups, lr=lr, weight_decay=weight_decay)
+
+
+def eight_bit_backend() -> EightBitBackend:
+    """Which implementation `adamw8bit` uses here: bitsandbytes' when it is installed, else ours in plain torch."""
+    return "bitsandbytes" if importlib.util.find_spec("bitsandbytes") is not None else "torch"
+
+
+def _announce(backend: EightBitBackend) -> None:
+    if backend not in _announced:
+        _announced.add(backend)
+        log.info("optimizer adamw8bit: using %s", "bitsandbytes' AdamW8bit" if backend == "bitsandbytes"
+                 else "the torch AdamW8bit (block-wise 8-bit state in plain torch; no bitsandbytes)")
 
 
 def _prodigy(groups: ParamGroups, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -46,8 +79,9 @@ def _require(module: str, package: str, choice: str):  # noqa: ANN202 - a module
 
 
 def available() -> dict[str, bool]:
-    """Which optimizers can be used right now (for UIs and the planner)."""
-    mods = {"adamw": None, "adamw8bit": "bitsandbytes", "prodigy": "prodigyopt", "lion": "lion_pytorch"}
+    """Which optimizers can be used right now (for UIs and the planner). `adamw8bit` always can: without
+    bitsandbytes it is the torch implementation (see `eight_bit_backend`)."""
+    mods = {"adamw": None, "adamw8bit": None, "prodigy": "prodigyopt", "lion": "lion_pytorch"}
     return {k: m is None or importlib.util.find_spec(m) is not None for k, m in mods.items()}
 
 

@@ -248,18 +248,18 @@ class OomRecovery:
 
     def _rung_optimizer(self, step: int, cause: str, optimizer: torch.optim.Optimizer | None, *_: Any
                         ) -> Adjustment | None:
-        from ...optim import available
+        from ...optim import eight_bit_backend
 
         if "optimizer" in self._rungs_done or optimizer is None:
             return None
         self._rungs_done.add("optimizer")
-        if self.config.optimizer != "adamw" or not available()["adamw8bit"]:
-            log.info("OOM ladder: 8-bit optimizer skipped (%s)", "bitsandbytes is not installed"
-                     if self.config.optimizer == "adamw" else f"optimizer is {self.config.optimizer}")
+        if self.config.optimizer != "adamw":  # another optimizer was chosen for how it learns: not swapped away
+            log.info("OOM ladder: 8-bit optimizer skipped (optimizer is %s)", self.config.optimizer)
             return None
         self.optimizer = swap_optimizer(optimizer, "adamw8bit")
         self._set(optimizer="adamw8bit")
-        return Adjustment("optimizer", "optimizer", "adamw", "adamw8bit (state restarted)", step, cause)
+        return Adjustment("optimizer", "optimizer", "adamw", f"adamw8bit ({eight_bit_backend()}; state restarted)",
+                          step, cause)
 
     def _rung_swap(self, step: int, cause: str, *_: Any) -> Adjustment | None:
         if not self._checkpointing or not self._can_swap():
