@@ -265,3 +265,27 @@ class TestBackend:
             built = build_optimizer("adamw8bit", [{"params": [torch.nn.Parameter(torch.zeros(2))]}], 1e-4, 0.0)
         assert type(built) is AdamW8bit
         assert any(m.startswith("bitsandbytes is installed but does not import") for m in caplog.messages)
+
+
+def test_a_state_saved_by_one_eight_bit_backend_is_refused_by_the_other(tmp_path):
+    """adamw8bit is bitsandbytes' where it is installed, ours elsewhere: their states differ, so a resume across
+    machines names the mismatch instead of loading garbage."""
+    import types
+
+    import pytest
+
+    from loraloop.trainer.config import TrainConfig
+    from loraloop.trainer.errors import LoraFileError
+    from loraloop.trainer.optim8bit import AdamW8bit
+    from loraloop.trainer.state import OPTIMIZER_CLASS, TrainState
+
+    param = torch.nn.Parameter(torch.zeros(8))
+    network = types.SimpleNamespace(state_dict=lambda dtype: {}, load_state_dict=lambda sd: None)
+    scheduler = types.SimpleNamespace(state_dict=dict, load_state_dict=lambda sd: None)
+    ours = AdamW8bit([param], lr=1e-3)
+    state = TrainState.capture(network, ours, scheduler, scheduler, 3, [1.0], TrainConfig(optimizer="adamw8bit"))
+    assert state.config[OPTIMIZER_CLASS] == "loraloop.trainer.optim8bit.AdamW8bit"
+    loaded = TrainState.load(state.save(tmp_path / "s.pt"))
+    assert loaded.apply(network, AdamW8bit([param], lr=1e-3), scheduler, scheduler) == 3
+    with pytest.raises(LoraFileError, match=r"saved by loraloop\.trainer\.optim8bit\.AdamW8bit"):
+        loaded.apply(network, torch.optim.AdamW([param], lr=1e-3), scheduler, scheduler)

@@ -19,6 +19,7 @@ from .lorafile import atomic_write
 from .network import Network
 
 STATE_VERSION = 1
+OPTIMIZER_CLASS = "_optimizer_class"  # recorded beside the config keys
 # Keys whose change makes a saved state meaningless for this run.
 STRUCTURAL_KEYS = ("network_type", "lora_rank", "lora_alpha", "conv_rank", "conv_alpha", "target_modules",
                    "train_text_encoder", "optimizer", "batch_size", "accumulation_steps", "seed")
@@ -38,11 +39,19 @@ class TrainState:
     def capture(cls, network: Network, optimizer: torch.optim.Optimizer, scheduler: object, scaler: object,
                 step: int, losses: list[float], config: TrainConfig) -> TrainState:
         """A snapshot on the CPU: it holds no accelerator memory and later steps do not change it."""
+        # The optimizer's class too: `adamw8bit` is bitsandbytes' or ours (optim.py), whose states differ.
+        recorded = {**config.to_dict(), OPTIMIZER_CLASS: _class_name(optimizer)}
         return cls(step, list(losses), network.state_dict(torch.float32), _on_cpu(optimizer.state_dict()),
-                   scheduler.state_dict(), scaler.state_dict(), config.to_dict())  # type: ignore[attr-defined]
+                   scheduler.state_dict(), scaler.state_dict(), recorded)  # type: ignore[attr-defined]
 
     def apply(self, network: Network, optimizer: torch.optim.Optimizer, scheduler: object, scaler: object) -> int:
         """Load into a freshly built network/optimizer; return the step to continue from."""
+        saved_with = self.config.get(OPTIMIZER_CLASS)
+        if saved_with is not None and saved_with != _class_name(optimizer):
+            msg = (f"the training state was saved by {saved_with}, but this run builds {_class_name(optimizer)} "
+                   "(adamw8bit uses bitsandbytes where it is installed, else LoRA Loop's own); resume where the state "
+                   "was made, install/uninstall bitsandbytes to match, or start a new run")
+            raise LoraFileError(msg)
         network.load_state_dict(self.adapter)
         optimizer.load_state_dict(self.optimizer)
         _state_to_param_devices(optimizer)
@@ -80,6 +89,10 @@ class TrainState:
             raise LoraFileError(msg, path=path)
         return cls(payload["step"], payload["losses"], payload["adapter"], payload["optimizer"], payload["scheduler"],
                    payload["scaler"], json.loads(payload["config"]))
+
+
+def _class_name(optimizer: torch.optim.Optimizer) -> str:
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
 
 
 def _on_cpu(value: Any) -> Any:
