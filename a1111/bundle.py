@@ -29,8 +29,6 @@ import torch
 from torch import nn
 
 from ..trainer.bundle import Conditioning, SizeInfo, TextEncoderSlot
-from ..trainer.bundles.patcher import detect_family as detect_patcher_family
-from ..trainer.bundles.patcher import text_encoder_slots
 from ..trainer.errors import UnsupportedModelError
 from ..trainer.families import Family, get_family
 from ..trainer.naming import TE_CLASSES, UNetLayout, find_targets, ldm_unet_lora_name, unet_targets
@@ -67,9 +65,8 @@ def detect_family(model: Any) -> tuple[Family, str]:
     """(family, prediction type) of `shared.sd_model`; anything but SD1/SD2/SDXL base raises naming what it is."""
     if model is None:
         raise UnsupportedModelError("no model is loaded; choose a Stable Diffusion checkpoint at the top of the page")
-    if hasattr(model, "forge_objects"):  # Forge holds the model the ComfyUI way: the engine's PatcherBundle reads it
-        forge.check_trainable(model)
-        return detect_patcher_family(model.forge_objects.unet)
+    if hasattr(model, "forge_objects"):  # Forge holds the model the ComfyUI way (Classic) or its own (Neo)
+        return forge.detect_family(model)
     if getattr(model, "is_sd3", False):
         raise UnsupportedModelError(f"SD3 models cannot be trained in the webui; LoRA Loop trains {SUPPORTED_TEXT}")
     parameterization = getattr(model, "parameterization", "eps")
@@ -122,11 +119,7 @@ def describe(model: Any) -> ModelFacts:
     family, prediction = detect_family(model)
     if hasattr(model, "forge_objects"):
         unet = model.forge_objects.unet.model.diffusion_model
-        try:
-            text_encoder_slots(model.forge_objects.clip, family)
-            trainable = True
-        except UnsupportedModelError:
-            trainable = False
+        trainable = forge.ForgeBundle(model).can_train_text()
         return ModelFacts(family, prediction, next(unet.parameters()).dtype, webui.checkpoint_name(model), trainable)
     unet = model.model.diffusion_model
     te = sd1_text_encoder(model) if family.name == "sd1" else None

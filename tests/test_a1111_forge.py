@@ -1,7 +1,8 @@
 """The tab's Train inside Forge Classic (stand-in): `shared.sd_model.forge_objects` holds ComfyUI-design objects, so
 the ComfyUI stand-in's tiny models play them (tests/comfy_stub), behind the webui stand-in (tests/a1111_stub).
 
-The real Forge Classic run is tests/test_a1111_real_webui.py with A1111_DIR pointing at a Forge Classic checkout.
+The real Forge Classic run is tests/test_a1111_real_webui.py with A1111_DIR pointing at a Forge Classic checkout; Forge
+Neo is tests/test_a1111_forge_neo.py (stand-in) and tests/test_a1111_forge_neo_real.py (Neo's own modules).
 """
 
 import sys
@@ -75,12 +76,14 @@ def test_train_in_forge_classic_leaves_the_model_and_writes_a_kohya_lora(webui, 
     assert forge.calls[:2] == ["unload_all_models", ("load_models_gpu", 1)] and "unload_all_models" in forge.calls[2:]
 
 
-def test_forge_neo_layers_are_refused_with_the_reason(webui, forge, dataset):  # noqa: F811
+def test_a_forge_model_of_neither_kind_is_refused_with_the_reason(webui, forge, dataset):  # noqa: F811
+    """Forge Neo trains in place too (tests/test_a1111_forge_neo.py); a model that is neither Classic's nor Neo's is
+    refused before anything is touched."""
     from loraloop.a1111 import actions
     from loraloop.a1111 import training as job
 
-    webui.load(models.build_forge())  # ForgeLinear layers: not nn.Linear subclasses
-    with pytest.raises(UnsupportedModelError, match="Forge Neo is not supported yet"):
+    webui.load(models.build_forge())  # forge_objects whose UNet patcher holds neither a BaseModel nor a KModel
+    with pytest.raises(UnsupportedModelError, match=r"neither Forge Classic's .* nor Forge Neo's KModel"):
         job.run_training(tab_values(webui, dataset))
     assert "cannot be trained" in actions.model_info()
     assert forge.calls == []

@@ -19,6 +19,7 @@ from torch import nn
 
 from .bundle import ModelBundle, TextEncoderSlot
 from .config import TrainConfig, field_default
+from .custom_layers import custom_modules
 from .errors import ConfigError, LoraFileError
 from .naming import TE_CLASSES, apply_preset, find_targets, kohya_te_name
 
@@ -116,6 +117,19 @@ def _peft_config(spec: NetworkSpec, targets: dict[str, tuple[int, float]]):  # n
                       **common)
 
 
+def _register_custom_layers(config: object, custom: dict[type[nn.Module], type[nn.Module]], network_type: str) -> None:
+    """Host layers that are not nn.Linear but compute a linear map (Forge Neo's) get our thin LoRA layer
+    (custom_layers.py) through peft's custom-module registration; LoHa/LoKr have no such layer."""
+    if not custom:
+        return
+    if network_type not in ("lora", "locon"):
+        names = ", ".join(sorted(cls.__qualname__ for cls in custom))
+        msg = (f"network_type {network_type} cannot adapt this model's layers ({names}: not torch.nn.Linear "
+               "subclasses); use lora or locon")
+        raise ConfigError(msg, key="network_type", value=network_type, allowed=("lora", "locon"))
+    config._register_custom_module(custom)  # type: ignore[attr-defined]
+
+
 class Network:
     """Adapters injected into a bundle; use as a context manager so they are always removed.
 
@@ -166,7 +180,9 @@ class Network:
             p.requires_grad_(False)
         tuners = {"lora": LoraModel, "locon": LoraModel, "loha": LoHaModel, "lokr": LoKrModel}
         tuner_cls = tuners[self.spec.network_type]
-        tuner = tuner_cls(module, _peft_config(self.spec, targets), ADAPTER)
+        config = _peft_config(self.spec, targets)
+        _register_custom_layers(config, custom_modules(module, list(targets)), self.spec.network_type)
+        tuner = tuner_cls(module, config, ADAPTER)
         self._tuners.append((component, module, tuner))
         # Adapters train in float32 even on fp16/bf16 base weights (peft makes them in the base dtype).
         for name, p in module.named_parameters():
