@@ -153,8 +153,7 @@ def test_fp8_base_weights_train_like_the_plain_run(demo_dataset, tmp_path):
 def test_a_single_file_flux_transformer_needs_components_from_and_says_so(tmp_path):
     """flux1-dev.safetensors-style files hold the transformer only (BFL key layout): without `components_from` the
     error names the key and what to give; a folder that is not a flow pipeline, and a file whose size does not fit
-    the folder's transformer, are errors that say so. The conversion itself is diffusers' `from_single_file`, whose
-    Flux converter assumes the released 3072-wide layout: the loading of a real file is not exercised here."""
+    the folder's transformer, are errors that say so (loading and training them: tests/test_flow_single_file.py)."""
     import sys
     from pathlib import Path
 
@@ -178,5 +177,5 @@ def test_a_single_file_flux_transformer_needs_components_from_and_says_so(tmp_pa
         load_checkpoint_bundle(file)
     with pytest.raises(LoraLoopError, match="is not a diffusers folder"):
         load_checkpoint_bundle(file, components_from=str(tmp_path))
-    with pytest.raises(LoraLoopError, match="is it a FluxPipeline transformer of the same size"):
+    with pytest.raises(LoraLoopError, match=r"is 128 wide .* give the diffusers folder of the same model"):
         load_checkpoint_bundle(file, components_from=str(tmp_path / "flux-folder"))
