@@ -216,3 +216,4 @@ def test_plan_prints_the_tier_table(capsys):
     out = capsys.readouterr().out
     assert code == 0 and "VRAM tiers" in out and "24 GB  fp8" in out
     assert "blocks_to_swap: 0 → 52" in out and "fits" in out.split("estimated peak:")[1].splitlines()[0]
+    assert "s of transfers per step, overlapped with the compute" in out

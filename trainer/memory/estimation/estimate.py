@@ -209,7 +209,7 @@ class ModelInfo:
         return cls(fam, sizes, live_profile(bundle, bundle.name, bundle.device.type))
 
 
-def _precision(shape: RunShape, device: DeviceSpec) -> str:
+def compute_precision(shape: RunShape, device: DeviceSpec) -> str:
     # The loop loads fp16/bf16 weights and autocasts only on CUDA (runner.load_bundle); on CPU weights stay fp32.
     return "half" if shape.mixed_precision in ("fp16", "bf16") and device.kind == "cuda" else "fp32"
 
@@ -222,7 +222,7 @@ def adapter_params(info: ModelInfo, shape: RunShape) -> int:
 
 def estimate_memory(info: ModelInfo, shape: RunShape, device: DeviceSpec) -> MemoryEstimate:
     """Peak device bytes of a run with `shape` on `device` (see the module docstring for the model)."""
-    precision = _precision(shape, device)
+    precision = compute_precision(shape, device)
     weight_bytes = 2 if precision == "half" else 4
     sizes = info.sizes
     te_weights = sum(sizes.text_encoders) * weight_bytes
@@ -296,7 +296,7 @@ def _te_train_bytes(info: ModelInfo, precision: str) -> float:
 def estimate_time(info: ModelInfo, shape: RunShape, device: DeviceSpec, *, calibration: float = 1.0,
                   basis: str | None = None) -> TimeEstimate:
     """Seconds per optimizer step (see the module docstring); `calibration` scales it (measured / predicted)."""
-    precision = _precision(shape, device)
+    precision = compute_precision(shape, device)
     w, h = shape.bucket
     chunk = shape.chunk
     figures = info.profile.figures(precision, shape.gradient_checkpointing, shape.attention, chunk, (h // 8, w // 8),

@@ -19,7 +19,16 @@ from ...config import PLANNABLE, TrainConfig, bucket_defaults
 from ...network import MIN_RANK
 from ...units import GIB, fmt_duration
 from ..estimation.devices import DeviceSpec
-from ..estimation.estimate import MemoryEstimate, ModelInfo, RunShape, TimeEstimate, estimate_memory, estimate_time
+from ..estimation.estimate import (
+    MemoryEstimate,
+    ModelInfo,
+    RunShape,
+    TimeEstimate,
+    compute_precision,
+    estimate_memory,
+    estimate_time,
+    swap_seconds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +393,11 @@ def _changes(config: TrainConfig, user: RunShape, chosen: _Scored, request: Plan
         else:
             undone = replace(chosen.shape, **{key: old})
         reason = _reason(key, old, new, _evaluate(undone, config.resolution, request, budget, user), chosen, budget)
+        if key == "blocks_to_swap" and new:
+            shape = chosen.shape
+            transfer = swap_seconds(request.info, shape, request.device, compute_precision(shape, request.device))
+            chunks = shape.accumulation_steps * math.ceil(shape.batch_size / shape.chunk)
+            reason += f"; {transfer * chunks:.2f} s of transfers per step, overlapped with the compute"
         out.append(Change(SHAPE_KEYS.get(key, key), old, new, reason))
     return out
 
