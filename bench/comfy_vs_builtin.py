@@ -78,7 +78,44 @@ class Graph:
         self.files, self.test_nodes = files, test_nodes
 
 
-def make_graph(family: str) -> Graph:
+# --flux-size presets: hidden width (a multiple of 128: ComfyUI's rope axes fix 128 per head), double blocks, single
+# blocks. `tiny` is the tests' file (flow_checkpoints.FLUX); `mid` is big enough that the model's arithmetic, not
+# each node's per-step overhead, dominates a step on a CPU (~1-2 s/step fp32 at 256 px on 2 cores).
+FLUX_SIZES = {"tiny": None, "mid": (768, 3, 6)}
+
+
+def parse_flux_size(text: str) -> tuple[int, int, int] | None:
+    """`tiny`, `mid` or `HIDDEN,DOUBLE,SINGLE` (e.g. 512,2,4) → None (the tests' tiny file) or (hidden, double,
+    single)."""
+    if text in FLUX_SIZES:
+        return FLUX_SIZES[text]
+    try:
+        hidden, double, single = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: tiny, mid or HIDDEN,DOUBLE,SINGLE") from None
+    if hidden <= 0 or hidden % 128 or double < 1 or single < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: hidden must be a positive multiple of 128 (ComfyUI's Flux rope "
+                                         "axes fix one head per 128), at least 1 double and 1 single block")
+    return hidden, double, single
+
+
+def flux_file(size: tuple[int, int, int], seed: int = 0) -> Path:
+    """A random-weight Flux.1-dev diffusion model (BFL layout) of `size` = (hidden, double, single), built by the
+    tests' own `flux_state_dict` with those overrides (context/pooled widths stay those of the tiny text encoders)
+    and cached beside the tests' files."""
+    from comfy_real_support import flow_checkpoints as fc
+
+    hidden, double, single = size
+    over = {"hidden": hidden, "double": double, "single": single}
+    started = time.perf_counter()
+    path = fc._cached(f"loraloop-bench-flux1-dev-h{hidden}-d{double}-s{single}", ["flux", {**fc.FLUX, **over}, seed],
+                      lambda: fc.flux_state_dict(seed, **over))
+    print(f"Flux file {path.name} ({path.stat().st_size / MB:.0f} MB, {time.perf_counter() - started:.1f} s)",
+          flush=True)
+    return path
+
+
+def make_graph(family: str, flux_size: tuple[int, int, int] | None = None) -> Graph:
     """The model files (built and cached on first use) and their loader nodes."""
     if family == "sd15":
         from comfy_real_support.checkpoint import sd15_checkpoint
@@ -86,9 +123,13 @@ def make_graph(family: str) -> Graph:
         ckpt = sd15_checkpoint()
         nodes = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt.name}}}
         return Graph(family, nodes, ["ckpt", 0], ["ckpt", 1], ["ckpt", 2], {"checkpoints": [ckpt]}, False)
+    from dataclasses import replace
+
     from comfy_real_support.flow_checkpoints import flow_family
 
     fam = flow_family(family)
+    if family == "flux" and flux_size is not None:
+        fam = replace(fam, model=flux_file(flux_size))
     return Graph(family, fam.loader_nodes(), ["unet", 0], ["clip", 0], ["vae", 0], fam.files, True)
 
 
@@ -145,8 +186,8 @@ def ours_prompt(graph: Graph, object_info: dict, steps: int, args: argparse.Name
                   max_train_steps=steps,
                   lora_rank=args.rank, batch_size=1, accumulation_steps=1,
                   learning_rate=args.lr, lr_scheduler="constant", lr_warmup_steps=0, optimizer="adamw",
-                  mixed_precision="no", gradient_checkpointing={"default": "auto"}.get(args.checkpointing,
-                                                                                       args.checkpointing),
+                  mixed_precision={"fp32": "no"}.get(args.precision, args.precision),
+                  gradient_checkpointing={"default": "auto"}.get(args.checkpointing, args.checkpointing),
                   cache_latents=True,
                   seed=args.seed, sample_prompts="", sample_every_n_steps=0, save_every_n_steps=0,
                   save_every_n_epochs=0)
@@ -165,7 +206,7 @@ def builtin_settings(steps: int, args: argparse.Namespace) -> dict:
     """What the bench sets on TrainLoraNode where the node has the input; the rest stays at the node's defaults."""
     return {"batch_size": 1, "grad_accumulation_steps": 1, "steps": steps, "learning_rate": args.lr,
             "rank": args.rank, "optimizer": "AdamW", "loss_function": "MSE", "seed": args.seed,
-            "training_dtype": "fp32", "lora_dtype": "fp32", "algorithm": "LoRA",
+            "training_dtype": args.precision, "lora_dtype": "fp32", "algorithm": "LoRA",
             "gradient_checkpointing": args.checkpointing != "off", "existing_lora": "[None]", "bucket_mode": False,
             "bypass_mode": False, "offloading": False, "quantized_backward": False}
 
@@ -214,6 +255,19 @@ def executed_nodes(entry: dict) -> set[str]:
     """class types that ran (not cached) in a finished prompt."""
     prompt = entry["prompt"][2]
     return {prompt[n]["class_type"] for n in prompt if n not in cached_nodes(entry)}
+
+
+def node_window(events: EventListener, prompt_id: str, node: str) -> tuple[float | None, float | None]:
+    """(perf_counter when ComfyUI started executing `node`, when it moved on to the next node or finished) from the
+    websocket's `executing` events (data.node is the node id, None once the prompt is done)."""
+    with events._lock:
+        mine = [(t, d) for t, _, kind, d in events.events if kind in ("executing", "execution_success")
+                and isinstance(d, dict) and d.get("prompt_id") == prompt_id]
+    start = next((i for i, (_, d) in enumerate(mine) if d.get("node") == node), None)
+    if start is None:
+        return None, None
+    end = next((t for t, d in mine[start + 1:] if d.get("node") != node), None)
+    return mine[start][0], end
 
 
 TRAINERS = {"loraloop": ("LoRALoop_TrainLoRA", ours_prompt), "builtin": ("TrainLoraNode", builtin_prompt)}
@@ -271,8 +325,10 @@ def bench_one(name: str, comfy_dir: Path, graph: Graph, args: argparse.Namespace
                     print(f"  builtin TrainLoraNode inputs: {json.dumps(inputs)}", flush=True)
                 try:
                     with RssTimeline(server) as sampler:
+                        queued = time.perf_counter()
                         prompt_id = server.queue(prompt, client_id=events.client_id)
                         entry = server.wait(prompt_id, timeout=args.timeout)
+                        finished = time.perf_counter()
                 except ComfyError as err:
                     found = re.search(r'"exception_message": "((?:[^"\\]|\\.)*)"', str(err))
                     error = (found.group(1) if found else str(err).split("\n", 1)[0])[:600]
@@ -287,14 +343,26 @@ def bench_one(name: str, comfy_dir: Path, graph: Graph, args: argparse.Namespace
                              if line.startswith("settings:")), None)  # ours: the memory plan's chosen settings
                 # the training steps alone (from the first to the last progress event): no loading or encoding
                 steps_peak = sampler.peak_between(ticks[0][0], ticks[-1][0]) if len(ticks) > 1 else None
+                # the training node's time outside its steps: from its start to the first step's start (planning,
+                # encoding, loading, set-up; the first step itself is taken out at the median rate) and from the last
+                # progress event to the node's end (export, the preview or loss plot, applying the LoRA)
+                node_start, node_end = node_window(events, prompt_id, "train")
+                node_end = node_end or finished
+                before_s = ((ticks[0][0] - (node_start or queued) - ticks[0][2] * statistics.median(wall))
+                            if ticks and wall else None)
+                after_s = node_end - ticks[-1][0] if ticks else None
                 runs.append({"steps": steps, "seconds": execution_seconds(entry), "progress_events": len(ticks),
+                             "wall_s": finished - queued, "node_s": (node_end - node_start) if node_start else None,
+                             "before_steps_s": before_s, "after_steps_s": after_s,
                              "steps_peak_rss_mb": steps_peak / MB if steps_peak else None,
                              "last_progress_value": ticks[-1][2] if ticks else None, "plan_settings": plan,
                              "step_intervals_s": wall, "step_cpu_s": cpu, "interval_steps": spans,
                              "rss_before_mb": before / MB,
                              "peak_rss_mb": server.peak_rss() / MB, "sampled_peak_mb": sampler.peak / MB,
                              "load_avg_1min": os.getloadavg()[0]})
-                print(f"  {name} {label} ({steps} steps): {runs[-1]['seconds']:.1f} s, "
+                outside = (f" ({before_s:.1f} s before the steps, {after_s:.1f} s after)"
+                           if before_s is not None and wall else "")
+                print(f"  {name} {label} ({steps} steps): {runs[-1]['seconds']:.1f} s{outside}, "
                       f"s/step between progress events {[round(x, 3) for x in wall]} "
                       f"(CPU {[round(x, 3) for x in cpu]}), peak RSS {runs[-1]['peak_rss_mb']:.0f} MB"
                       + (f" ({steps_peak / MB:.0f} MB during the steps)" if steps_peak else "") + ", "
@@ -305,6 +373,12 @@ def bench_one(name: str, comfy_dir: Path, graph: Graph, args: argparse.Namespace
         print(f"  warning: {name}: the server log has errors:\n{log[-3000:]}")
     result = {"trainer": name, "node": node_id, "runs": runs, "inputs": inputs, "error": error}
     if error is not None:
+        # where it failed: the last traceback in the server's log (kept in the JSON, its last frames printed)
+        trace = log[log.rfind("Traceback"):] if "Traceback" in log else ""
+        result["error_traceback"] = trace[-6000:]
+        frames = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
+        if frames:
+            print("  where: " + "\n         ".join(frames[-4:]), flush=True)
         return result
     for timed in runs[1:]:
         if timed["last_progress_value"] != args.steps or not timed["step_intervals_s"]:
@@ -318,13 +392,26 @@ def bench_one(name: str, comfy_dir: Path, graph: Graph, args: argparse.Namespace
                      "cpu_s_per_step": statistics.median(timed["step_cpu_s"]),
                      "peak_rss_mb": timed["peak_rss_mb"], "sampled_peak_mb": timed["sampled_peak_mb"],
                      "extra_mb": timed["peak_rss_mb"] - timed["rss_before_mb"],
-                     "steps_peak_rss_mb": timed["steps_peak_rss_mb"]}
+                     # the fresh server before its first prompt (nothing loaded): the same start for both trainers
+                     "idle_rss_mb": runs[0]["rss_before_mb"],
+                     "over_idle_mb": timed["peak_rss_mb"] - runs[0]["rss_before_mb"],
+                     "warmup_peak_rss_mb": runs[0]["peak_rss_mb"],
+                     "steps_peak_rss_mb": timed["steps_peak_rss_mb"],
+                     "before_steps_s": timed["before_steps_s"], "after_steps_s": timed["after_steps_s"]}
+
+
+def graph_size(size: tuple[int, int, int] | None) -> str:
+    return f" (hidden {size[0]}, {size[1]} double + {size[2]} single blocks)" if size else ""
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=("sd15", "flux", "sd3"), default="sd15",
                    help="sd15: the random full-size SD1.5 checkpoint; flux/sd3: the tiny flow models of the tests")
+    p.add_argument("--flux-size", type=parse_flux_size, default=None, metavar="tiny|mid|H,D,S",
+                   help="--family flux: the Flux diffusion model's size. tiny (default): the tests' ~1 M-parameter "
+                        "file (hidden 128, 1 double + 1 single block); mid: hidden 768, 3 double + 6 single blocks "
+                        "(~120 M parameters); or HIDDEN,DOUBLE,SINGLE (hidden a multiple of 128)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=4, help="steps of the timed run (≥ 3: s/step is the median over the "
                    "intervals between its progress events)")
@@ -332,6 +419,10 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="timed runs per trainer (another seed each); the one with the "
                    "lowest median s/step is reported (on a shared machine, the least disturbed one)")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="compute dtype of both: fp32 (default; ours mixed_precision no, built-in training_dtype fp32) "
+                        "or bf16 autocast (ours mixed_precision bf16, built-in training_dtype bf16); the weights stay "
+                        "fp32 as ComfyUI loads them on CPU, the LoRA fp32 in both"),
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpointing", choices=("default", "on", "off"), default="default",
@@ -347,33 +438,39 @@ def main() -> None:
         p.error("--steps must be ≥ 3, --warmup and --repeat ≥ 1")
     comfy_dir = Path(os.environ.get("COMFYUI_DIR") or p.error("set COMFYUI_DIR")).resolve()
 
-    graph = make_graph(args.family)
+    if args.flux_size is not None and args.family != "flux":
+        p.error("--flux-size is for --family flux")
+    graph = make_graph(args.family, args.flux_size)
     version = (comfy_dir / "comfyui_version.py").read_text().split('"')[1]
     print(f"ComfyUI {version}, CPU, {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
-          f"{args.family}, {args.resolution}px, rank {args.rank}, batch 1, {args.warmup} + {args.repeat} x "
-          f"{args.steps} steps, fp32, "
-          f"gradient checkpointing {args.checkpointing}", flush=True)
+          f"{args.family}{graph_size(args.flux_size)}, {args.resolution}px, rank {args.rank}, batch 1, "
+          f"{args.warmup} + {args.repeat} x {args.steps} steps, {args.precision} compute (fp32 weights and LoRA), "
+          f"gradient checkpointing {args.checkpointing}",
+          flush=True)
     results = [bench_one(name, comfy_dir, graph, args) for name in (args.only or ["loraloop", "builtin"])]
     print(f"\n{'trainer':<10} {'s/step':>8} {'(min)':>7} {'CPU s/step':>11} {'peak RSS MB':>12} {'(sampled)':>10} "
-          f"{'extra MB':>9} {'steps MB':>9}")
+          f"{'extra MB':>9} {'steps MB':>9} {'idle MB':>8} {'over idle':>10} {'s outside steps':>16}")
     for r in results:
         if r["error"] is not None:
             print(f"{r['trainer']:<10} FAILED: {r['error']}")
             continue
         print(f"{r['trainer']:<10} {r['s_per_step']:>8.3f} {r['s_per_step_min']:>7.3f} {r['cpu_s_per_step']:>11.3f} "
               f"{r['peak_rss_mb']:>12.0f} {r['sampled_peak_mb']:>10.0f} {r['extra_mb']:>9.0f} "
-              f"{r['steps_peak_rss_mb'] or float('nan'):>9.0f}")
+              f"{r['steps_peak_rss_mb'] or float('nan'):>9.0f} {r['idle_rss_mb']:>8.0f} {r['over_idle_mb']:>10.0f} "
+              f"{r['before_steps_s']:>8.1f} +{r['after_steps_s']:>6.1f}")
     if len(results) == 2 and all(r["error"] is None for r in results):
         ours, builtin = results
         print(f"\nspeed-up {builtin['s_per_step'] / ours['s_per_step']:.2f}x wall (median), "
               f"{builtin['s_per_step_min'] / ours['s_per_step_min']:.2f}x wall (min), "
               f"{builtin['cpu_s_per_step'] / ours['cpu_s_per_step']:.2f}x CPU time; peak RSS "
               f"{ours['peak_rss_mb']:.0f} vs {builtin['peak_rss_mb']:.0f} MB "
-              f"(extra {ours['extra_mb']:.0f} vs {builtin['extra_mb']:.0f} MB)")
+              f"(extra {ours['extra_mb']:.0f} vs {builtin['extra_mb']:.0f} MB; over the idle server "
+              f"{ours['over_idle_mb']:.0f} vs {builtin['over_idle_mb']:.0f} MB)")
     if args.json:
+        files = {folder: [path.name for path in paths] for folder, paths in graph.files.items()}
         args.json.write_text(json.dumps({"comfyui": version, "args": {k: v for k, v in vars(args).items()
-                                                                       if k != "json"}, "results": results},
-                                        indent=1, default=str))
+                                                                       if k != "json"},
+                                         "model_files": files, "results": results}, indent=1, default=str))
 
 
 if __name__ == "__main__":
