@@ -2,10 +2,12 @@
 
     COMFYUI_DIR=/path/to/ComfyUI .venv/bin/python bench/comfy_vs_builtin.py --resolution 256 --steps 4
     COMFYUI_DIR=/path/to/ComfyUI .venv/bin/python bench/comfy_vs_builtin.py --family flux --resolution 256 --steps 6
+    COMFYUI_DIR=/path/to/ComfyUI .venv/bin/python bench/comfy_vs_builtin.py --family flux --flux-size mid --steps 8
 
 Both trainers get the same model, the same 12 demo images resized to a square `--resolution` (captions as .txt
 sidecars, which both read), batch size 1, LoRA rank `--rank`, AdamW, a constant learning rate, fp32 weights and compute
-on CPU (`--cpu`: ComfyUI loads the model in fp32), gradient checkpointing as each node does by default
+on CPU (`--cpu`: ComfyUI loads the model in fp32; `--precision bf16`: bf16 autocast in both, weights and LoRA still
+fp32), gradient checkpointing as each node does by default
 (`--checkpointing default`: the built-in node on, ours `auto`, i.e. the memory planner turns it off when the free
 memory allows; `on`/`off` force it for both), no sampling. What each trains is its own default: ours puts LoRA on the
 transformer blocks (kohya's targets), the built-in node on every weighted layer (plus bias/norm diffs).
@@ -15,7 +17,10 @@ tests/comfy_real_support/checkpoint.py) through CheckpointLoaderSimple; `flux` /
 files of tests/test_comfy_real_flow.py (tests/comfy_real_support/flow_checkpoints.py: ~1 M-parameter diffusion model,
 full-size 16-channel VAE, tiny text encoders) through UNETLoader, VAELoader and the test-only TinyCLIPLoader, which is
 linked into the temporary custom_nodes for those families. On the tiny models a step is mostly each trainer's own
-per-step overhead, not the model's arithmetic.
+per-step overhead, not the model's arithmetic. `--flux-size mid` (or HIDDEN,DOUBLE,SINGLE) makes the Flux diffusion
+model a mid-size one in the same layout (hidden 768, 3 double + 6 single blocks, ~120 M parameters, built by the
+tests' `flux_state_dict` with those overrides and cached): there the arithmetic dominates a step (~1 s at 256 px on
+2 cores). ComfyUI 0.12.3 and 0.33 both read Flux's hidden size from img_in/txt_in (3072 is only their fallback).
 
 The built-in node's inputs are read from the server's /object_info (every input at its default, then the settings
 above where the node has them), so the same bench runs on ComfyUI versions whose TrainLoraNode differ (0.33 added
@@ -31,9 +36,12 @@ and saving are outside those intervals); with `--repeat N` the timed run is made
 median is reported. Peak memory = the server process's peak resident set (VmHWM, reset through /proc/PID/clear_refs
 just before the timed run; cross-checked by sampling VmRSS every 50 ms); "extra" is that peak minus the RSS just before
 the run; "steps MB" is the largest VmRSS sample between the first and the last progress event (the training steps
-alone: ours re-encodes its latents in every timed prompt, the built-in node's encoding node is cached). A trainer whose
-prompt fails is reported as failed with ComfyUI's error, and the other one still runs. Prints a table and writes JSON
-(`--json`).
+alone: ours re-encodes its latents in every timed prompt, the built-in node's encoding node is cached); "over idle" is
+the peak minus the fresh server's RSS before its first prompt (the same start for both). "s outside steps" is the
+training node's time before its first step (planning, encoding, loading, set-up; from ComfyUI's `executing` event)
+and after its last progress event (export, plot, applying the LoRA). A trainer whose prompt fails is reported as
+failed with ComfyUI's error and where it was raised (the last frames of the server log's traceback, all of it in the
+JSON), and the other one still runs. Prints a table and writes JSON (`--json`).
 """
 
 from __future__ import annotations
