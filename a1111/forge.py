@@ -46,7 +46,7 @@ from ..trainer.bundles.patcher import detect_family as detect_patcher_family
 from ..trainer.custom_layers import PLAIN_TENSORS, is_linear_like, unadaptable_reason
 from ..trainer.errors import UnsupportedModelError
 from ..trainer.families import FLOW, Family, get_family
-from ..trainer.naming import RESNET_CLASSES, TRANSFORMER_CLASSES, UNetLayout
+from ..trainer.naming import UNetLayout, unet_targets
 from . import webui
 
 log = logging.getLogger(__name__)
@@ -167,26 +167,9 @@ def _looks_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear | nn.Conv2d) or type(module).__name__ == "Linear" or is_linear_like(module)
 
 
-def _layers_in_blocks(root: nn.Module, block_classes: set[str]) -> list[str]:
-    """naming.find_targets with Neo's layers counted as layers: every layer inside a block of `block_classes`."""
-    found: dict[str, None] = {}
-    for name, module in root.named_modules():
-        if type(module).__name__ in block_classes:
-            for child_name, child in module.named_modules():
-                if child_name and _looks_linear(child):
-                    found[f"{name}.{child_name}" if name else child_name] = None
-    return list(found)
-
-
 def neo_unet_targets(unet: nn.Module, conv: bool) -> dict[str, str]:
     """naming.unet_targets over Neo's layers: kohya's default UNet targets → `linear` or `conv3x3`."""
-    targets = dict.fromkeys(_layers_in_blocks(unet, TRANSFORMER_CLASSES), "linear")
-    if conv:
-        modules = dict(unet.named_modules())
-        for path in _layers_in_blocks(unet, RESNET_CLASSES):
-            k = getattr(modules[path], "kernel_size", (1, 1))
-            targets.setdefault(path, "conv3x3" if tuple(k) != (1, 1) else "linear")
-    return targets
+    return unet_targets(unet, conv, _looks_linear)
 
 
 def neo_dit_targets(root: nn.Module, blocks: str, exclude: str | None = None) -> dict[str, str]:

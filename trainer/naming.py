@@ -8,6 +8,7 @@ in either direction, so every bundle can emit exactly kohya's names.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -161,23 +162,26 @@ def _is_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d))
 
 
-def find_targets(root: nn.Module, block_classes: set[str]) -> list[str]:
-    """Paths of every Linear/Conv2d inside a module whose class name is in `block_classes` (kohya's rule)."""
+def find_targets(root: nn.Module, block_classes: set[str],
+                 is_layer: Callable[[nn.Module], bool] = _is_layer) -> list[str]:
+    """Paths of every layer (`is_layer`: Linear/Conv2d) inside a module whose class name is in `block_classes` (kohya's
+    rule). A host whose layers are not torch's (Forge Neo) passes its own `is_layer`."""
     found: dict[str, None] = {}
     for name, module in root.named_modules():
         if type(module).__name__ in block_classes:
             for child_name, child in module.named_modules():
-                if child_name and _is_layer(child):
+                if child_name and is_layer(child):
                     found[f"{name}.{child_name}" if name else child_name] = None
     return list(found)
 
 
-def unet_targets(unet: nn.Module, conv: bool) -> dict[str, str]:
+def unet_targets(unet: nn.Module, conv: bool,
+                 is_layer: Callable[[nn.Module], bool] = _is_layer) -> dict[str, str]:
     """kohya's default UNet targets → kind: `linear` (rank = network rank) or `conv3x3` (rank = conv rank, LoCon)."""
-    targets = dict.fromkeys(find_targets(unet, TRANSFORMER_CLASSES), "linear")
+    targets = dict.fromkeys(find_targets(unet, TRANSFORMER_CLASSES, is_layer), "linear")
     if conv:
         modules = dict(unet.named_modules())
-        for path in find_targets(unet, RESNET_CLASSES):
+        for path in find_targets(unet, RESNET_CLASSES, is_layer):
             layer = modules[path]
             k = getattr(layer, "kernel_size", (1, 1))
             targets.setdefault(path, "conv3x3" if tuple(k) != (1, 1) else "linear")
