@@ -44,16 +44,6 @@ def place_unswapped(root: nn.Module, device: torch.device | str, count: int) -> 
             module._apply(lambda t: t.to(device), recurse=False)  # what nn.Module.to does, one module at a time
 
 
-def block_bytes(block: nn.Module) -> int:
-    """Bytes of a block's frozen tensors (what swapping moves)."""
-    return sum(t.numel() * t.element_size() for t in _frozen(block))
-
-
-def _frozen(block: nn.Module) -> list[torch.Tensor]:
-    out = [p for p in block.parameters() if not p.requires_grad]
-    return out + [b for b in block.buffers() if b is not None]
-
-
 @dataclass
 class _Slot:
     """One frozen tensor of a swapped block: where it lives in its module and its host copy."""
